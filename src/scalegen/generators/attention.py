@@ -1,0 +1,111 @@
+"""The AdaLN transformer block: self-attention with a KV cache, an MLP, and adaptive LayerNorm from the class.
+
+One attention module serves the block-causal training forward (an additive mask over the whole sequence) and
+the scale-by-scale generation (keys/values of earlier scales cached; the new scale sees them and itself, which
+is exactly the training mask). Reference: reference/VAR.md sec. 2.4-2.5.
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import DropPath, Mlp
+
+
+def modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """AdaLN modulation x * (1 + scale) + shift, the one place every block and head uses it."""
+    return x.mul(scale.add(1)).add_(shift)
+
+
+def ada_linear(cond_dim: int, out_dim: int) -> nn.Sequential:
+    """SiLU then Linear: the conditioning projection (index 1 holds the weights, as in the checkpoints)."""
+    return nn.Sequential(nn.SiLU(inplace=False), nn.Linear(cond_dim, out_dim))
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0, attn_l2_norm: bool = True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads, self.head_dim, self.attn_l2_norm = num_heads, dim // num_heads, attn_l2_norm
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        # q and v carry a learnt bias, k none (a k bias cancels in softmax)
+        self.q_bias, self.v_bias = nn.Parameter(torch.zeros(dim)), nn.Parameter(torch.zeros(dim))
+        self.register_buffer("zero_k_bias", torch.zeros(dim), persistent=False)
+        if attn_l2_norm:
+            # cosine attention with a learnt per-head temperature, kept in log space and capped at 100
+            self.scale = 1.0
+            self.scale_mul = nn.Parameter(torch.full((1, num_heads, 1, 1), 4.0).log())
+            self.max_scale_mul = math.log(100)
+        else:
+            self.scale = 0.25 / math.sqrt(self.head_dim)  # VAR's choice, 4x below the usual 1/sqrt(d)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
+        self.caching, self.cached_k, self.cached_v = False, None, None
+
+    def kv_caching(self, enable: bool) -> None:
+        self.caching, self.cached_k, self.cached_v = enable, None, None
+
+    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None) -> torch.Tensor:
+        B, L, C = x.shape
+        bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
+        qkv = F.linear(x, self.qkv.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, d)
+        if self.attn_l2_norm:
+            q = F.normalize(q, dim=-1).mul(self.scale_mul.clamp_max(self.max_scale_mul).exp())
+            k = F.normalize(k, dim=-1)
+        if self.caching:
+            if self.cached_k is not None:
+                k, v = torch.cat((self.cached_k, k), dim=2), torch.cat((self.cached_v, v), dim=2)
+            self.cached_k, self.cached_v = k, v
+        if attn_bias is not None:
+            attn_bias = attn_bias.to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=self.attn_drop if self.training else 0.0,
+                                             scale=self.scale)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, L, C)))
+
+
+class AdaLNBlock(nn.Module):
+    """x += g1 * attn(LN(x)(1+s1)+b1); x += g2 * mlp(LN(x)(1+s2)+b2), with (g1,g2,s1,s2,b1,b2) from the class."""
+
+    def __init__(self, dim: int, cond_dim: int, num_heads: int, mlp_ratio: float = 4.0, drop: float = 0.0,
+                 attn_drop: float = 0.0, drop_path: float = 0.0, norm_eps: float = 1e-6, shared_aln: bool = False,
+                 attn_l2_norm: bool = True):
+        super().__init__()
+        self.dim = dim
+        self.attn = SelfAttention(dim, num_heads, attn_drop, drop, attn_l2_norm)
+        self.mlp = Mlp(dim, round(dim * mlp_ratio), act_layer=partial(nn.GELU, approximate="tanh"), drop=(0.0, drop))
+        self.norm = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=False)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.shared_aln = shared_aln
+        if shared_aln:  # the model-wide projection gives (B,1,6,C); each block adds its own learnt offset
+            self.ada_gss = nn.Parameter(torch.randn(1, 1, 6, dim) / dim**0.5)
+        else:
+            self.ada_lin = ada_linear(cond_dim, 6 * dim)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, attn_bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.shared_aln:
+            mods = (self.ada_gss + cond).unbind(2)
+        else:
+            mods = self.ada_lin(cond).view(-1, 1, 6, self.dim).unbind(2)
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = mods
+        x = x + self.drop_path(self.attn(modulate(self.norm(x), scale1, shift1), attn_bias).mul_(gamma1))
+        return x + self.drop_path(self.mlp(modulate(self.norm(x), scale2, shift2)).mul(gamma2))
+
+
+class AdaLNBeforeHead(nn.Module):
+    """LN(x)(1+scale)+shift with (scale, shift) from the class: the normalisation in front of an output head."""
+
+    def __init__(self, dim: int, cond_dim: int, norm_eps: float = 1e-6):
+        super().__init__()
+        self.dim = dim
+        self.norm = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=False)
+        self.ada_lin = ada_linear(cond_dim, 2 * dim)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.ada_lin(cond).view(-1, 1, 2, self.dim).unbind(2)
+        return modulate(self.norm(x), scale, shift)

@@ -1,0 +1,95 @@
+"""The sequence model over scales: embeddings of the class and the per-scale inputs, AdaLN blocks, a KV cache.
+
+Position p of scale k sees every position of scales <= k (block-causal). The first scale's input is the class
+embedding itself (the start token); the inputs of scale k come from the tokenizer's composition of scales < k.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from ..scales import VAR_256, ScaleSchedule
+from .attention import AdaLNBlock, ada_linear
+
+
+class AdaLNTransformer(nn.Module):
+    def __init__(self, num_classes: int = 1000, token_dim: int = 32, scales: Sequence = VAR_256, depth: int = 16,
+                 width: int | None = None, num_heads: int | None = None, mlp_ratio: float = 4.0, drop_rate: float = 0.0,
+                 attn_drop_rate: float = 0.0, drop_path_rate: float | None = None, norm_eps: float = 1e-6,
+                 shared_aln: bool = False, attn_l2_norm: bool = True):
+        super().__init__()
+        # VAR's size rule (models/__init__.py): width 64 per layer, one head per layer, drop path 0.1 * depth / 24
+        width = width or 64 * depth
+        num_heads = num_heads or depth
+        drop_path_rate = 0.1 * depth / 24 if drop_path_rate is None else drop_path_rate
+        self.scales = ScaleSchedule.of(scales)
+        self.num_classes, self.token_dim, self.width, self.depth = num_classes, token_dim, width, depth
+        self.first_l = self.scales.token_counts[0]
+        L = self.scales.num_tokens
+
+        init_std = (1 / width / 3) ** 0.5
+        self.class_emb = nn.Embedding(num_classes + 1, width)  # index num_classes = the null class (CFG)
+        self.pos_start = nn.Parameter(torch.empty(1, self.first_l, width))
+        self.pos_embed = nn.Parameter(torch.empty(1, L, width))  # absolute position of every token of every scale
+        self.lvl_embed = nn.Embedding(len(self.scales), width)
+        self.word_embed = nn.Linear(token_dim, width)
+        for t in (self.class_emb.weight, self.pos_start, self.pos_embed, self.lvl_embed.weight):
+            nn.init.trunc_normal_(t, mean=0, std=init_std)
+
+        self.shared_ada_lin = ada_linear(width, 6 * width) if shared_aln else None
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList(
+            AdaLNBlock(width, width, num_heads, mlp_ratio, drop_rate, attn_drop_rate, dpr[i], norm_eps, shared_aln, attn_l2_norm)
+            for i in range(depth)
+        )
+        self.register_buffer("lvl_ids", self.scales.level_ids().unsqueeze(0), persistent=False)
+        self.register_buffer("attn_bias", self.scales.block_causal_bias(), persistent=False)
+
+    # -- pieces shared by the full forward and generation ----------------------------------------------------------
+    def block_cond(self, cond: torch.Tensor) -> torch.Tensor:
+        if self.shared_ada_lin is None:
+            return cond
+        return self.shared_ada_lin(cond).view(-1, 1, 6, self.width)
+
+    def level_pos(self) -> torch.Tensor:
+        return self.lvl_embed(self.lvl_ids) + self.pos_embed
+
+    def start(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Labels (B,) -> the first scale's input (B, n0, C) and the class condition (B, C)."""
+        cond = self.class_emb(labels)
+        x = cond.unsqueeze(1).expand(-1, self.first_l, -1) + self.pos_start.expand(labels.shape[0], -1, -1)
+        return x + self.level_pos()[:, : self.first_l], cond
+
+    def embed_scale(self, si: int, tokens: torch.Tensor) -> torch.Tensor:
+        """Input features of scale si (B, n, token_dim) -> model inputs (B, n, C)."""
+        begin, end = self.scales.offsets[si]
+        return self.word_embed(tokens) + self.level_pos()[:, begin:end]
+
+    # -- training --------------------------------------------------------------------------------------------------
+    def forward(self, labels: torch.Tensor, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced pass. labels (B,), inputs (B, L - n0, token_dim) -> hidden (B, L, C), cond (B, C)."""
+        B = labels.shape[0]
+        cond = self.class_emb(labels)
+        x = cond.unsqueeze(1).expand(B, self.first_l, -1) + self.pos_start.expand(B, -1, -1)
+        x = torch.cat((x, self.word_embed(inputs.float())), dim=1)
+        L = x.shape[1]
+        x = x + self.level_pos()[:, :L]
+        block_cond = self.block_cond(cond)
+        bias = self.attn_bias[:L, :L]
+        for block in self.blocks:
+            x = block(x, block_cond, bias)
+        return x, cond
+
+    # -- generation ------------------------------------------------------------------------------------------------
+    def kv_caching(self, enable: bool) -> None:
+        for block in self.blocks:
+            block.attn.kv_caching(enable)
+
+    def step(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """One scale with the KV cache on: inputs of that scale (B, n, C) -> hidden (B, n, C)."""
+        block_cond = self.block_cond(cond)
+        for block in self.blocks:
+            x = block(x, block_cond, None)
+        return x

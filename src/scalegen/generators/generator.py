@@ -1,0 +1,49 @@
+"""A generator = a backbone over scales + a head; plus VAR's weight initialisation (reference/VAR.md sec. 2.8)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+class Generator(nn.Module):
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, labels: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced pass: labels (B,), inputs (B, L - n0, token_dim) -> head output (B, L, ...)."""
+        hidden, cond = self.backbone(labels, inputs)
+        return self.head(hidden, cond)
+
+
+@torch.no_grad()
+def init_var_weights(gen: Generator, init_adaln: float = 0.5, init_adaln_gamma: float = 1e-5, init_head: float = 0.02,
+                     init_std: float = -1) -> None:
+    """VAR's `init_weights`: trunc-normal linears, a small head, and AdaLN gates near zero so blocks start ~identity."""
+    width = gen.backbone.width
+    std = (1 / width / 3) ** 0.5 if init_std < 0 else init_std
+    for m in gen.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=std)
+            if m.bias is not None:
+                m.bias.zero_()
+        elif isinstance(m, nn.Embedding):
+            nn.init.trunc_normal_(m.weight, std=std)
+    head = gen.head
+    if hasattr(head, "proj") and hasattr(head, "norm"):  # categorical head: scaled logits, AdaLN at half strength
+        head.proj.weight.mul_(init_head)
+        head.proj.bias.zero_()
+        head.norm.ada_lin[-1].weight.mul_(init_adaln)
+        head.norm.ada_lin[-1].bias.zero_()
+    depth = len(gen.backbone.blocks)
+    for block in gen.backbone.blocks:
+        block.attn.proj.weight.div_((2 * depth) ** 0.5)
+        block.mlp.fc2.weight.div_((2 * depth) ** 0.5)
+        if block.shared_aln:
+            block.ada_gss[:, :, 2:].mul_(init_adaln)
+            block.ada_gss[:, :, :2].mul_(init_adaln_gamma)
+        else:
+            w = block.ada_lin[-1].weight
+            w[2 * width:].mul_(init_adaln)  # scale and shift rows
+            w[: 2 * width].mul_(init_adaln_gamma)  # the residual gates
+            block.ada_lin[-1].bias.zero_()

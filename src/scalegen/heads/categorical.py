@@ -1,0 +1,68 @@
+"""Categorical head: AdaLN then a linear layer to the codebook, cross-entropy, top-k/top-p/Gumbel sampling.
+
+Samplers are plain functions over tensors. They reproduce the official call sequence exactly (in-place masking,
+one `torch.multinomial` per scale, then the Gumbel draw), so a seeded CPU generator gives the official tokens.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..generators.attention import AdaLNBeforeHead
+
+
+class CategoricalHead(nn.Module):
+    def __init__(self, width: int, cond_dim: int, vocab_size: int, norm_eps: float = 1e-6, label_smoothing: float = 0.0):
+        super().__init__()
+        self.vocab_size, self.label_smoothing = vocab_size, label_smoothing
+        self.norm = AdaLNBeforeHead(width, cond_dim, norm_eps)
+        self.proj = nn.Linear(width, vocab_size)
+
+    def forward(self, hidden: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Hidden (B, L, C) -> logits (B, L, V), always float32."""
+        return self.proj(self.norm(hidden.float(), cond).float()).float()
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor, scale_offsets: list[tuple[int, int]]):
+        """Mean token cross-entropy (every token weighs 1/L, as VAR) and per-scale loss/accuracy for logging."""
+        B, L, V = logits.shape
+        ce = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), label_smoothing=self.label_smoothing,
+                             reduction="none").view(B, L)
+        loss = ce.mul(1.0 / L).sum(-1).mean()
+        with torch.no_grad():
+            hit = (logits.argmax(-1) == targets).float()
+            per_scale = {si: (ce[:, b:e].mean(), hit[:, b:e].mean() * 100) for si, (b, e) in enumerate(scale_offsets)}
+        return loss, per_scale
+
+
+def top_k_top_p_(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
+    """Mask (in place) logits below the k-th largest, then outside the nucleus of mass top_p; returns them."""
+    if top_k > 0:
+        kth = logits.topk(top_k, largest=True, sorted=False, dim=-1)[0].amin(dim=-1, keepdim=True)
+        logits.masked_fill_(logits < kth, -torch.inf)
+    if top_p > 0:
+        sorted_logits, order = logits.sort(dim=-1, descending=False)
+        drop_sorted = sorted_logits.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
+        drop_sorted[..., -1:] = False  # always keep the most likely token
+        logits.masked_fill_(drop_sorted.scatter(order.ndim - 1, order, drop_sorted), -torch.inf)
+    return logits
+
+
+def sample_tokens(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Logits (B, n, V) -> token indices (B, n). Masks `logits` in place (the Gumbel path reads the masked ones)."""
+    B, n, V = logits.shape
+    probs = top_k_top_p_(logits, top_k, top_p).softmax(dim=-1).view(-1, V)
+    return torch.multinomial(probs, num_samples=1, replacement=True, generator=generator).view(B, n)
+
+
+def gumbel_soft(logits: torch.Tensor, tau: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A soft one-hot: softmax((logits + Gumbel noise) / tau), the noise drawn from `generator`."""
+    if generator is None:
+        return F.gumbel_softmax(logits, tau=tau, hard=False, dim=-1)
+    gumbels = -torch.empty_like(logits, memory_format=torch.legacy_contiguous_format).exponential_(generator=generator).log()
+    return ((logits + gumbels) / tau).softmax(-1)
+
+
+def smooth_tau(ratio: float) -> float:
+    """VAR's `more_smooth` temperature, annealed over scales (MaskGIT-style)."""
+    return max(0.27 * (1 - ratio * 0.95), 0.005)

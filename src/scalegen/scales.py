@@ -1,0 +1,96 @@
+"""Scale schedules: which token maps a model predicts, coarse to fine, and where they sit in the sequence.
+
+A schedule is a tuple of (h, w) sizes. It knows the token counts, the offsets of each scale in the flat
+sequence, the scale id of every position and the block-causal mask (a query sees every key of its own and of
+coarser scales). The resampling used to move between scales lives here too, once: `area` down, `bicubic` up.
+"""
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+from typing import Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+Size = Union[int, Sequence[int]]
+
+# VAR's `patch_nums` presets (arg_util.py): the side of each token map for 256 px and 512 px images.
+VAR_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+VAR_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
+VAR_1024 = (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64)
+
+
+def doubling(final: int) -> tuple[int, ...]:
+    """1, 2, 4, ..., final (FlowAR's schedule); `final` must be a power of two."""
+    if final < 1 or final & (final - 1):
+        raise ValueError(f"doubling scales need a power-of-two final size, got {final}")
+    return tuple(2**i for i in range(final.bit_length()))
+
+
+@dataclass(frozen=True)
+class ScaleSchedule:
+    sizes: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def of(cls, spec: "ScaleSchedule | Sequence[Size]") -> "ScaleSchedule":
+        """Accepts a schedule, a list of sides (`[1, 2, 4]`) or of (h, w) pairs (`[[1, 2], [2, 4]]`)."""
+        if isinstance(spec, ScaleSchedule):
+            return spec
+        sizes = []
+        for s in spec:
+            h, w = (int(s), int(s)) if isinstance(s, numbers.Integral) else (int(s[0]), int(s[1]))
+            if h < 1 or w < 1:
+                raise ValueError(f"scale sizes must be positive, got {tuple(spec)}")
+            sizes.append((h, w))
+        if not sizes:
+            raise ValueError("a scale schedule needs at least one scale")
+        return cls(tuple(sizes))
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    @property
+    def final(self) -> tuple[int, int]:
+        return self.sizes[-1]
+
+    @property
+    def token_counts(self) -> list[int]:
+        return [h * w for h, w in self.sizes]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.token_counts)
+
+    @property
+    def offsets(self) -> list[tuple[int, int]]:
+        """[start, end) of each scale in the flat sequence (VAR's `begin_ends`)."""
+        out, start = [], 0
+        for n in self.token_counts:
+            out.append((start, start + n))
+            start += n
+        return out
+
+    def level_ids(self, device=None) -> torch.Tensor:
+        """(L,) int64: the scale index of every position (VAR's `lvl_1L`)."""
+        return torch.cat([torch.full((n,), i, dtype=torch.long, device=device) for i, n in enumerate(self.token_counts)])
+
+    def block_causal_bias(self, device=None, dtype=torch.float32) -> torch.Tensor:
+        """(L, L) additive mask: 0 where key scale <= query scale, -inf elsewhere."""
+        lvl = self.level_ids(device)
+        allowed = lvl[:, None] >= lvl[None, :]
+        return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
+
+    def check_final(self, latent_hw: Sequence[int], key: str = "scales") -> None:
+        if tuple(latent_hw) != self.final:
+            raise ValueError(f"{key}: the last scale {self.final} must equal the latent size {tuple(latent_hw)}")
+
+
+def area_down(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Adaptive average pooling, the `area` mode every official code base uses to go to a coarser scale."""
+    return F.interpolate(x, size=size, mode="area")
+
+
+def bicubic_up(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bicubic, align_corners=False, no antialias: the official token-map upsampling."""
+    return F.interpolate(x, size=size, mode="bicubic")
