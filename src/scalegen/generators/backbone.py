@@ -39,7 +39,7 @@ class AdaLNTransformer(nn.Module):
             nn.init.trunc_normal_(t, mean=0, std=init_std)
 
         self.shared_ada_lin = ada_linear(width, 6 * width) if shared_aln else None
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # linear over depth, none in block 0
         self.blocks = nn.ModuleList(
             AdaLNBlock(width, width, num_heads, mlp_ratio, drop_rate, attn_drop_rate, dpr[i], norm_eps, shared_aln, attn_l2_norm)
             for i in range(depth)

@@ -13,6 +13,8 @@ from ..generators.attention import AdaLNBeforeHead
 
 
 class CategoricalHead(nn.Module):
+    needs_discrete = True  # predicts code indices: pairs only with a VQ tokenizer
+
     def __init__(self, width: int, cond_dim: int, vocab_size: int, norm_eps: float = 1e-6, label_smoothing: float = 0.0):
         super().__init__()
         self.vocab_size, self.label_smoothing = vocab_size, label_smoothing

@@ -63,9 +63,13 @@ def build_var(config: dict) -> Generator:
     return Generator(backbone, CategoricalHead(backbone.width, backbone.width, vocab, backbone.blocks[0].norm.eps))
 
 
-def load_var(state: dict, config: dict | None = None, scales=None) -> Generator:
-    """Official VAR state dict -> scalegen Generator, strictly (every key accounted for, shapes checked)."""
-    config = config or var_config_from_state(state, scales)
+def load_var(state: dict, config: dict | None = None, scales=None, **overrides) -> Generator:
+    """Official VAR state dict -> scalegen Generator, strictly (every key accounted for, shapes checked).
+
+    Without attn_l2_norm the head count leaves no trace in the shapes: it is taken as depth (VAR's rule) unless
+    `num_heads=` is given.
+    """
+    config = config or {**var_config_from_state(state, scales), **overrides}
     gen = build_var(config)
     ours, _ = convert(state, VAR_TABLE)
     sched = gen.backbone.scales

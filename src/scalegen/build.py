@@ -1,0 +1,124 @@
+"""Config -> objects. The only place that reads the Hydra/OmegaConf tree; the modules take plain arguments.
+
+Every `_target_` node is checked against its class signature before anything is built, so an unknown key or an
+impossible pairing fails at once, naming the key.
+"""
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any, Iterable
+
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from .composition import ResidualComposition
+
+COMPOSITIONS = {"residual": ResidualComposition}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def check_node(node: DictConfig, path: str, derived: Iterable[str] = ()) -> type:
+    """The class of a `_target_` node, after checking that every key is one of its arguments."""
+    if node is None or "_target_" not in node:
+        raise ConfigError(f"{path}: needs a `_target_` naming the class to build")
+    try:
+        cls = get_class(node._target_)
+    except Exception as e:  # hydra wraps import errors; keep the message, name the key
+        raise ConfigError(f"{path}._target_: cannot import {node._target_!r} ({e})") from None
+    params = inspect.signature(cls).parameters
+    allowed = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    derived = set(derived)
+    for key in node:
+        if key.startswith("_"):
+            continue
+        if key in derived:
+            raise ConfigError(f"{path}.{key}: is derived from the other parts (tokenizer, data, scales); remove it")
+        if key not in allowed:
+            raise ConfigError(f"{path}.{key}: unknown key for {cls.__name__}; allowed: {sorted(set(allowed) - derived)}")
+    return cls
+
+
+BACKBONE_DERIVED = ("num_classes", "token_dim", "scales")
+HEAD_DERIVED = ("width", "cond_dim", "vocab_size")
+
+
+def check_generator_config(cfg: DictConfig) -> None:
+    """Everything that can be known wrong before building: keys, pairings, scale list vs latent size."""
+    tok_cls = check_node(cfg.tokenizer, "tokenizer")
+    check_node(cfg.backbone, "backbone", BACKBONE_DERIVED)
+    head_cls = check_node(cfg.head, "head", HEAD_DERIVED)
+    comp = cfg.model.composition
+    if comp not in COMPOSITIONS:
+        raise ConfigError(f"model.composition: {comp!r} is not one of {sorted(COMPOSITIONS)}")
+    if getattr(head_cls, "needs_discrete", False) and not getattr(tok_cls, "discrete", False):
+        raise ConfigError(f"head={head_cls.__name__} predicts code indices, but tokenizer={tok_cls.__name__} is continuous: "
+                          "use a VQ tokenizer or a flow head")
+    if comp == "residual" and not getattr(tok_cls, "residual", False):
+        raise ConfigError(f"model.composition=residual needs a residual multi-scale quantizer; {tok_cls.__name__} has none")
+    tok_scales = cfg.tokenizer.get("v_patch_nums")
+    if comp == "residual" and tok_scales is not None and list(tok_scales) != list(cfg.scales):
+        raise ConfigError(f"scales {list(cfg.scales)} differ from tokenizer.v_patch_nums {list(tok_scales)}: residual "
+                          "(VAR) tokens are defined by the quantizer's schedule, so generate with the schedule it was trained on")
+    if cfg.data.get("image_size") is not None:
+        down = 2 ** (len(cfg.tokenizer.get("ch_mult", (1, 1, 2, 2, 4))) - 1)
+        latent = cfg.data.image_size // down
+        last = cfg.scales[-1]
+        last = (last, last) if isinstance(last, int) else tuple(last)
+        if last != (latent, latent):
+            raise ConfigError(f"scales: the last scale {last} must equal the latent size {latent}x{latent} "
+                              f"(data.image_size {cfg.data.image_size} / tokenizer downsampling {down})")
+
+
+def build_tokenizer(cfg: DictConfig, checkpoint: str | None = None):
+    tokenizer = instantiate(cfg.tokenizer, _convert_="all")
+    if checkpoint:
+        from .checkpoints import load_tokenizer_weights
+        load_tokenizer_weights(tokenizer, checkpoint)
+    return tokenizer
+
+
+def build_generator(cfg: DictConfig, tokenizer, num_classes: int):
+    from .generators import Generator
+    composition = COMPOSITIONS[cfg.model.composition](tokenizer, list(cfg.scales))
+    backbone = instantiate(cfg.backbone, num_classes=num_classes, token_dim=composition.token_dim,
+                           scales=composition.scales.sizes, _convert_="all")
+    head = instantiate(cfg.head, width=backbone.width, cond_dim=backbone.width, vocab_size=composition.vocab_size, _convert_="all")
+    generator = Generator(backbone, head)
+    init = cfg.model.get("init")
+    if init:
+        from .generators import init_var_weights
+        init_var_weights(generator, **init)
+    return generator, composition
+
+
+def build_module(cfg: DictConfig, num_classes: int, tokenizer_ckpt: str | None = None):
+    from .module import GeneratorModule
+    check_generator_config(cfg)
+    tokenizer = build_tokenizer(cfg, tokenizer_ckpt)
+    generator, composition = build_generator(cfg, tokenizer, num_classes)
+    opt = cfg.model.optim
+    return GeneratorModule(
+        tokenizer, generator, composition, base_lr=opt.base_lr, batch_size=cfg.data.batch_size, betas=tuple(opt.betas),
+        weight_decay=opt.weight_decay, weight_decay_end=opt.get("weight_decay_end"), warmup_steps=opt.warmup,
+        lr_schedule=opt.schedule, wp0=opt.wp0, wpe=opt.wpe, ema_decay=cfg.model.ema_decay,
+        cond_drop_rate=cfg.model.cond_drop_rate, sample=OmegaConf.to_container(cfg.sample, resolve=True),
+        config=OmegaConf.to_container(cfg, resolve=True))
+
+
+def to_container(cfg: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def resolve_path(path: str | None) -> str | None:
+    """User paths are relative to where the command was started, not to Hydra's run folder."""
+    if not path:
+        return None
+    from hydra.utils import to_absolute_path
+    try:
+        return to_absolute_path(path)
+    except ValueError:  # not inside a Hydra run (tests, notebooks)
+        return str(Path(path).expanduser().resolve())

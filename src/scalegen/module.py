@@ -1,0 +1,170 @@
+"""The generator LightningModule: frozen tokenizer, teacher-forced training, EMA, and `generate`.
+
+It only orchestrates: the tokenizer makes targets, the composition makes inputs, the backbone and head make the
+loss; `scalegen.sampling.generate` is the one sampling loop.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning as L
+import torch
+import torchvision.utils as vutils
+
+from .optim import apply_schedule, param_groups
+from .sampling import generate, random_labels
+
+
+class GeneratorModule(L.LightningModule):
+    def __init__(self, tokenizer: torch.nn.Module, generator: torch.nn.Module, composition, *, base_lr: float = 1e-4,
+                 batch_size: int = 256, betas: Sequence[float] = (0.9, 0.95), weight_decay: float = 0.05,
+                 weight_decay_end: float | None = None, warmup_steps: int | float = 0.02, lr_schedule: str = "lin0",
+                 wp0: float = 0.005, wpe: float = 0.01, ema_decay: float | None = 0.9999, cond_drop_rate: float = 0.1,
+                 max_nonfinite: int = 5, sample: dict | None = None, config: dict | None = None):
+        super().__init__()
+        self.tokenizer = tokenizer.eval().requires_grad_(False)
+        self.generator, self.composition = generator, composition
+        self.ema = copy.deepcopy(generator).requires_grad_(False) if ema_decay else None
+        self.base_lr, self.batch_size, self.betas = base_lr, batch_size, tuple(betas)
+        self.weight_decay, self.weight_decay_end = weight_decay, weight_decay_end
+        self.warmup_steps, self.lr_schedule, self.wp0, self.wpe = warmup_steps, lr_schedule, wp0, wpe
+        self.ema_decay, self.cond_drop_rate, self.max_nonfinite = ema_decay, cond_drop_rate, max_nonfinite
+        self.sample_cfg = dict(cfg=1.5, top_k=0, top_p=0.0, more_smooth=False, per_class=4, seed=0, cfg_schedule="linear")
+        self.sample_cfg.update(sample or {})
+        self.config = config  # the resolved run config, stored in every checkpoint so sample.py can rebuild the model
+        self.nonfinite_in_row = 0
+        self.nonfinite_total = 0
+
+    @property
+    def num_classes(self) -> int:
+        return self.generator.backbone.num_classes
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.tokenizer.eval()  # frozen: no dropout or norm-statistics updates, whatever Lightning asks
+        return self
+
+    # -- data -> targets -------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def prepare(self, images: torch.Tensor):
+        with torch.autocast(self.device.type, enabled=False):  # the tokenizer stays in fp32, as in the official code
+            targets = self.composition.targets(self.tokenizer.encode(images.float()))
+            inputs = self.composition.teacher_inputs(targets)
+        return targets, inputs
+
+    def _loss(self, batch, drop_labels: bool):
+        images, labels = batch
+        targets, inputs = self.prepare(images)
+        if drop_labels and self.cond_drop_rate > 0:  # classifier-free guidance: some labels become the null class
+            drop = torch.rand(labels.shape[0], device=labels.device) < self.cond_drop_rate
+            labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+        out = self.generator(labels, inputs)
+        return self.generator.head.loss(out, torch.cat(targets, dim=1), self.composition.scales.offsets)
+
+    def training_step(self, batch, batch_idx):
+        loss, per_scale = self._loss(batch, drop_labels=True)
+        if not torch.isfinite(loss):
+            return self._skip_nonfinite(loss)
+        self.nonfinite_in_row = 0
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", torch.stack([a for _, a in per_scale.values()]).mean())
+        for si, (l, a) in per_scale.items():
+            self.log(f"train_scale/loss_s{si}", l)
+        self.log("lr", self.optimizers().param_groups[0]["lr"], prog_bar=True)
+        return loss
+
+    def _skip_nonfinite(self, loss):
+        self.nonfinite_in_row += 1
+        self.nonfinite_total += 1
+        self.log("train/nonfinite_steps", float(self.nonfinite_total))
+        msg = f"non-finite loss ({loss.item()}) at step {self.global_step}: step skipped ({self.nonfinite_in_row} in a row)"
+        if self.nonfinite_in_row >= self.max_nonfinite:
+            raise FloatingPointError(f"{msg}; stopping after {self.max_nonfinite} in a row (lower the LR or use fp32)")
+        print(f"warning: {msg}")
+        return None  # Lightning skips the optimizer step
+
+    def validation_step(self, batch, batch_idx):
+        loss, per_scale = self._loss(batch, drop_labels=False)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        self.log("val/acc", torch.stack([a for _, a in per_scale.values()]).mean(), sync_dist=True)
+        for si, (l, a) in per_scale.items():
+            self.log(f"val_scale/acc_s{si}", a, sync_dist=True)
+
+    def on_validation_epoch_end(self):
+        if self.trainer.sanity_checking or not self.trainer.is_global_zero:
+            return
+        out = Path(self.trainer.default_root_dir) / "samples"
+        out.mkdir(parents=True, exist_ok=True)
+        self.save_class_grid(out / f"step{self.global_step:06d}.png")
+
+    # -- optimisation ------------------------------------------------------------------------------------------------
+    @property
+    def peak_lr(self) -> float:
+        """base_lr x global batch / 256 (VAR's rule)."""
+        world = self.trainer.world_size if self._trainer is not None else 1
+        accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+        return self.base_lr * self.batch_size * world * accumulate / 256
+
+    def configure_optimizers(self):
+        groups = param_groups(self.generator, self.weight_decay)
+        return torch.optim.AdamW(groups, lr=self.peak_lr, betas=self.betas)
+
+    def _total_steps(self) -> int:
+        total = self.trainer.estimated_stepping_batches
+        return int(total) if math.isfinite(total) else 10**9
+
+    def on_train_batch_start(self, batch, batch_idx):
+        total = self._total_steps()
+        warmup = self.warmup_steps if self.warmup_steps >= 1 else round(self.warmup_steps * total)
+        apply_schedule(self.optimizers(), self.global_step, total, self.peak_lr, int(warmup), self.lr_schedule,
+                       self.weight_decay, self.weight_decay_end, self.wp0, self.wpe)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.ema is None:
+            return
+        step = self.global_step
+        decay = min(self.ema_decay, (1 + step) / (10 + step))  # short warm-up so early EMA is not the random init
+        with torch.no_grad():
+            for e, p in zip(self.ema.parameters(), self.generator.parameters()):
+                e.lerp_(p.detach(), 1 - decay)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["scalegen_config"] = self.config
+        checkpoint["nonfinite_total"] = self.nonfinite_total
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.nonfinite_total = checkpoint.get("nonfinite_total", 0)
+
+    # -- generation --------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, labels: torch.Tensor | Sequence[int] | None = None, batch: int | None = None, *, cfg: float | None = None,
+                 top_k: int | None = None, top_p: float | None = None, more_smooth: bool | None = None,
+                 seed: int | None = None, cfg_schedule: str | None = None, use_ema: bool = True) -> torch.Tensor:
+        """Images in [0, 1], (B, 3, H, W). labels=None draws `batch` labels uniformly (seeded)."""
+        opts = {k: v for k, v in dict(cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth, cfg_schedule=cfg_schedule).items()
+                if v is not None}
+        opts = {**{k: self.sample_cfg[k] for k in ("cfg", "top_k", "top_p", "more_smooth", "cfg_schedule")}, **opts}
+        seed = self.sample_cfg["seed"] if seed is None else seed
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        if labels is None:
+            labels = random_labels(batch or 1, self.num_classes, generator, self.device)
+        labels = torch.as_tensor(labels, device=self.device).long()
+        model = self.ema if (use_ema and self.ema is not None) else self.generator
+        was_training = model.training
+        model.eval()  # no drop path while sampling, whatever mode the caller is in
+        try:
+            latent = generate(model.backbone, model.head, self.composition, labels, generator=generator, **opts)
+        finally:
+            model.train(was_training)
+        return self.composition.decode(latent).add(1).mul(0.5)
+
+    def save_class_grid(self, path: Path, per_class: int | None = None) -> Path:
+        """One row per class, `per_class` samples each, fixed seed: the picture validation logs."""
+        n = per_class or self.sample_cfg["per_class"]
+        labels = torch.arange(self.num_classes).repeat_interleave(n)
+        images = self.generate(labels)
+        vutils.save_image(images, path, nrow=n, padding=1, pad_value=1.0)
+        return path

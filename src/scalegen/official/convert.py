@@ -1,0 +1,75 @@
+"""Convert official releases to scalegen safetensors (and back).
+
+    python -m scalegen.official.convert var  var_d16.pth            -o var_d16.safetensors
+    python -m scalegen.official.convert vae  vae_ch160v4096z32.pth  -o vae_ch160v4096z32.safetensors
+    python -m scalegen.official.convert var  var_d16.safetensors    -o var_d16.pth --to-official
+
+Each file is loaded with weights_only=True, every key is mapped by the release's table (scalegen.official.var),
+the model is built and loaded strictly (missing/unexpected keys are listed), and the architecture is stored
+in the safetensors metadata so `scalegen.pretrained.load_generator` rebuilds it without flags.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from ..checkpoints import atomic_write, save_safetensors
+from .table import read_checkpoint
+from .var import export_vae, export_var, load_vae, load_var, var_config_from_state, vae_config_from_state
+
+KINDS = ("var", "vae")
+
+
+def read_meta(path: str) -> dict:
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        meta = f.metadata() or {}
+    return {"kind": meta.get("kind"), "config": json.loads(meta["config"])} if "config" in meta else {}
+
+
+def to_scalegen(kind: str, src: str, dst: str) -> None:
+    state = read_checkpoint(src)
+    if kind == "var":
+        config = var_config_from_state(state)
+        model = load_var(state, config)
+    else:
+        config = vae_config_from_state(state)
+        model = load_vae(state, config)
+    config = {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
+    save_safetensors(model.state_dict(), dst, metadata={"kind": kind, "config": json.dumps(config)})
+    print(f"{src}: {sum(p.numel() for p in model.parameters()):,} parameters -> {dst}")
+
+
+def to_official(kind: str, src: str, dst: str) -> None:
+    from safetensors.torch import load_file
+    meta = read_meta(src)
+    if meta.get("kind") != kind:
+        raise ValueError(f"{src} holds kind {meta.get('kind')!r}, not {kind!r}")
+    if kind == "var":
+        from .var import build_var
+        model = build_var(meta["config"])
+        model.load_state_dict(load_file(src), strict=True)
+        state = export_var(model)
+    else:
+        from ..tokenizers import MultiScaleVQVAE
+        model = MultiScaleVQVAE(**meta["config"])
+        model.load_state_dict(load_file(src), strict=True)
+        state = export_vae(model)
+    atomic_write(dst, lambda tmp: torch.save(state, tmp))
+    print(f"{src} -> {dst} ({len(state)} official keys)")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("kind", choices=KINDS)
+    parser.add_argument("src")
+    parser.add_argument("-o", "--out", required=True)
+    parser.add_argument("--to-official", action="store_true", help="scalegen safetensors -> official .pth layout")
+    args = parser.parse_args(argv)
+    (to_official if args.to_official else to_scalegen)(args.kind, args.src, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""What `train.py` does: check the config, train the tokenizer if none is given, then the generator."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from .build import ConfigError, build_module, build_tokenizer, check_generator_config, check_node, resolve_path
+from .checkpoints import AtomicCheckpointIO, save_safetensors
+
+
+def output_dir(cfg: DictConfig) -> Path:
+    try:
+        out = Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:  # called outside Hydra (tests): use the configured folder
+        out = Path(cfg.get("output_dir", "outputs/run"))
+    out.mkdir(parents=True, exist_ok=True)
+    probe = out / ".write_test"
+    try:  # fail now, not after an hour of training, if checkpoints can't be written
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise OSError(f"output folder {out} is not writable: {e}") from None
+    return out
+
+
+def make_trainer(cfg_trainer: DictConfig, out: Path, cfg: DictConfig, **overrides) -> L.Trainer:
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    return instantiate(cfg_trainer, default_root_dir=str(out), logger=loggers or False, callbacks=callbacks,
+                       plugins=[AtomicCheckpointIO()], **overrides)
+
+
+def train_tokenizer(cfg: DictConfig, data, out: Path) -> Path:
+    """Train the configured tokenizer on the run's data; returns its weights file (reused when already there)."""
+    from .tokenizers.train import TokenizerModule
+
+    target = out / "tokenizer.safetensors"
+    if target.exists() and cfg.resume:
+        print(f"[scalegen] reusing the tokenizer trained earlier in this run: {target}")
+        return target
+    opts = OmegaConf.to_container(cfg.tokenizer_training, resolve=True)
+    steps = opts.pop("max_steps")
+    module = TokenizerModule(build_tokenizer(cfg), **opts)
+    tok_out = out / "tokenizer"
+    trainer = make_trainer(cfg.trainer, tok_out, OmegaConf.merge(cfg, {"callbacks": {"checkpoint": None}}),
+                           max_steps=steps, val_check_interval=None, check_val_every_n_epoch=None, limit_val_batches=1,
+                           enable_checkpointing=False)
+    trainer.fit(module, datamodule=data)
+    save_safetensors(module.tokenizer.state_dict(), target)
+    print(f"[scalegen] tokenizer written to {target}")
+    return target
+
+
+def train(cfg: DictConfig) -> None:
+    if cfg.task not in ("generator", "tokenizer"):
+        raise ConfigError(f"task: {cfg.task!r} is not one of ['generator', 'tokenizer']")
+    check_node(cfg.data, "data")
+    if cfg.task == "generator":
+        check_generator_config(cfg)  # every key and pairing, before any compute
+    out = output_dir(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    torch.set_float32_matmul_precision("high")
+    data = instantiate(cfg.data)
+    data.prepare_data()
+    data.setup("fit")  # surfaces a bad data path before any training
+    OmegaConf.save(cfg, out / "config.yaml", resolve=True)
+
+    tok_ckpt = resolve_path(cfg.tokenizer_ckpt)
+    if cfg.task == "tokenizer" or tok_ckpt is None:
+        tok_ckpt = str(train_tokenizer(cfg, data, out))
+    if cfg.task == "tokenizer":
+        return
+
+    module = build_module(cfg, data.num_classes, tok_ckpt)
+    trainer = make_trainer(cfg.trainer, out, cfg)
+    last = out / "checkpoints" / "last.ckpt"
+    resume_from = str(last) if cfg.resume and last.exists() else None
+    if resume_from:
+        print(f"[scalegen] resuming from {resume_from}")
+    trainer.fit(module, datamodule=data, ckpt_path=resume_from)
+    if trainer.is_global_zero:
+        grid = module.save_class_grid(out / "samples" / "final.png")
+        print(f"[scalegen] samples: {grid}\n[scalegen] checkpoints: {out / 'checkpoints'}\n"
+              f"[scalegen] metrics: {out / 'metrics.csv'}")
