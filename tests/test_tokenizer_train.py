@@ -159,4 +159,5 @@ def test_perceptual_in_training_and_out_of_checkpoints(lpips_file, tmp_path):
     fit.save_checkpoint(tmp_path / "last.ckpt")
     state = torch.load(tmp_path / "last.ckpt", weights_only=False)["state_dict"]
     assert not any(k.startswith("perceptual.") for k in state) and any(k.startswith("tokenizer.") for k in state)
-    TokenizerModule.load_from_checkpoint(tmp_path / "last.ckpt", tokenizer=tiny_vq(scales=(1, 2, 4, 8)))  # strict load still works
+    # strict loading still works: the frozen LPIPS weights come back from the module's own file
+    TokenizerModule.load_from_checkpoint(tmp_path / "last.ckpt", tokenizer=tiny_vq(scales=(1, 2, 4, 8)))

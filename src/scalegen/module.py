@@ -73,7 +73,7 @@ class GeneratorModule(L.LightningModule):
         self.log("train/acc", torch.stack([a for _, a in per_scale.values()]).mean())
         for si, (l, a) in per_scale.items():
             self.log(f"train_scale/loss_s{si}", l)
-        self.log("lr", self.optimizers().param_groups[0]["lr"], prog_bar=True)
+        self.log("lr", self.optimizers().param_groups[0]["lr"])
         return loss
 
     def _skip_nonfinite(self, loss):

@@ -3,9 +3,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import warnings
+
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.loggers import CSVLogger
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -29,10 +32,11 @@ def output_dir(cfg: DictConfig) -> Path:
 
 
 def make_trainer(cfg_trainer: DictConfig, out: Path, cfg: DictConfig, **overrides) -> L.Trainer:
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    if "logger" not in overrides:
+        overrides["logger"] = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None] or False
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    return instantiate(cfg_trainer, default_root_dir=str(out), logger=loggers or False, callbacks=callbacks,
-                       plugins=[AtomicCheckpointIO()], **overrides)
+    return instantiate(cfg_trainer, default_root_dir=str(out), callbacks=callbacks, plugins=[AtomicCheckpointIO()],
+                       **overrides)
 
 
 def train_tokenizer(cfg: DictConfig, data, out: Path) -> Path:
@@ -47,9 +51,11 @@ def train_tokenizer(cfg: DictConfig, data, out: Path) -> Path:
     steps = opts.pop("max_steps")
     module = TokenizerModule(build_tokenizer(cfg), **opts)
     tok_out = out / "tokenizer"
-    trainer = make_trainer(cfg.trainer, tok_out, OmegaConf.merge(cfg, {"callbacks": {"checkpoint": None}}),
-                           max_steps=steps, val_check_interval=None, check_val_every_n_epoch=None, limit_val_batches=1,
-                           enable_checkpointing=False)
+    # its own CSV log and no step checkpoints: the stage is short and its product is the weights file
+    stage_cfg = OmegaConf.merge(cfg, {"callbacks": {"checkpoint": None}})
+    trainer = make_trainer(cfg.trainer, tok_out, stage_cfg, max_steps=steps, val_check_interval=None,
+                           check_val_every_n_epoch=None, limit_val_batches=1, enable_checkpointing=False,
+                           logger=CSVLogger(str(tok_out), name="", version=""))
     trainer.fit(module, datamodule=data)
     save_safetensors(module.tokenizer.state_dict(), target)
     print(f"[scalegen] tokenizer written to {target}")
@@ -63,6 +69,8 @@ def train(cfg: DictConfig) -> None:
     if cfg.task == "generator":
         check_generator_config(cfg)  # every key and pairing, before any compute
     out = output_dir(cfg)
+    # the frozen tokenizer is in eval mode on purpose
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
     data = instantiate(cfg.data)

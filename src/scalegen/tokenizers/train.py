@@ -51,6 +51,7 @@ class TokenizerModule(L.LightningModule):
     while the generator's adversarial term is built): this equals the two-optimizer GAN step, and Lightning's
     `global_step`, `max_steps`, gradient accumulation and mixed precision then count and work per batch.
     Gradient clipping is `grad_clip` on each model separately (Trainer's gradient_clip_val is not used).
+    Under DDP with `disc_start > 0` the discriminator has no gradient at first: use `ddp_find_unused_parameters_true`.
     """
 
     def __init__(self, tokenizer: nn.Module, lr: float = 1e-4, betas: tuple[float, float] = (0.5, 0.9),
