@@ -106,11 +106,13 @@ def build_module(cfg: DictConfig, num_classes: int, tokenizer_ckpt: str | None =
         weight_decay=opt.weight_decay, weight_decay_end=opt.get("weight_decay_end"), warmup_steps=opt.warmup,
         lr_schedule=opt.schedule, wp0=opt.wp0, wpe=opt.wpe, ema_decay=cfg.model.ema_decay,
         cond_drop_rate=cfg.model.cond_drop_rate, sample=OmegaConf.to_container(cfg.sample, resolve=True),
-        config=OmegaConf.to_container(cfg, resolve=True))
+        config=run_config(cfg))
 
 
-def to_container(cfg: DictConfig) -> dict[str, Any]:
-    return OmegaConf.to_container(cfg, resolve=True)
+def run_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config a checkpoint keeps: everything but the run-folder-bound logger and callbacks."""
+    return OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k not in ("logger", "callbacks")]),
+                                  resolve=True)
 
 
 def resolve_path(path: str | None) -> str | None:

@@ -32,7 +32,7 @@ class GeneratorModule(L.LightningModule):
         self.weight_decay, self.weight_decay_end = weight_decay, weight_decay_end
         self.warmup_steps, self.lr_schedule, self.wp0, self.wpe = warmup_steps, lr_schedule, wp0, wpe
         self.ema_decay, self.cond_drop_rate, self.max_nonfinite = ema_decay, cond_drop_rate, max_nonfinite
-        self.sample_cfg = dict(cfg=1.5, top_k=0, top_p=0.0, more_smooth=False, per_class=4, seed=0, cfg_schedule="linear")
+        self.sample_cfg = dict(cfg=1.5, cfg_schedule="linear", per_class=4, seed=0)
         self.sample_cfg.update(sample or {})
         self.config = config  # the resolved run config, stored in every checkpoint so sample.py can rebuild the model
         self.nonfinite_in_row = 0
@@ -140,13 +140,15 @@ class GeneratorModule(L.LightningModule):
 
     # -- generation --------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, labels: torch.Tensor | Sequence[int] | None = None, batch: int | None = None, *, cfg: float | None = None,
-                 top_k: int | None = None, top_p: float | None = None, more_smooth: bool | None = None,
-                 seed: int | None = None, cfg_schedule: str | None = None, use_ema: bool = True) -> torch.Tensor:
-        """Images in [0, 1], (B, 3, H, W). labels=None draws `batch` labels uniformly (seeded)."""
-        opts = {k: v for k, v in dict(cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth, cfg_schedule=cfg_schedule).items()
-                if v is not None}
-        opts = {**{k: self.sample_cfg[k] for k in ("cfg", "top_k", "top_p", "more_smooth", "cfg_schedule")}, **opts}
+    def generate(self, labels: torch.Tensor | Sequence[int] | None = None, batch: int | None = None, *,
+                 seed: int | None = None, use_ema: bool = True, **options) -> torch.Tensor:
+        """Images in [0, 1], (B, 3, H, W). labels=None draws `batch` labels uniformly (seeded).
+
+        `options` override the run's `sample` defaults: cfg, cfg_schedule and the head's own (top_k, top_p,
+        more_smooth for the categorical head); None leaves the default.
+        """
+        opts = {k: v for k, v in self.sample_cfg.items() if k not in ("per_class", "seed")}
+        opts.update({k: v for k, v in options.items() if v is not None})
         seed = self.sample_cfg["seed"] if seed is None else seed
         generator = torch.Generator(device=self.device).manual_seed(seed)
         if labels is None:

@@ -90,6 +90,9 @@ def train(cfg: DictConfig) -> None:
     resume_from = str(last) if cfg.resume and last.exists() else None
     if resume_from:
         print(f"[scalegen] resuming from {resume_from}")
+        metrics = out / "metrics.csv"
+        if metrics.exists():  # Lightning's CSVLogger deletes it when it starts: keep the history of earlier attempts
+            metrics.rename(out / f"metrics.attempt{len(list(out.glob('metrics.attempt*.csv')))}.csv")
     trainer.fit(module, datamodule=data, ckpt_path=resume_from)
     if trainer.is_global_zero:
         grid = module.save_class_grid(out / "samples" / "final.png")

@@ -5,21 +5,20 @@ from typing import Callable
 
 import torch
 
-from .guidance import guidance_strength, guide
-from .heads.categorical import gumbel_soft, sample_tokens, smooth_tau
+from .guidance import guidance_strength
 
 Inspect = Callable[[int, str, torch.Tensor], None]
 
 
 @torch.no_grad()
 def generate(backbone, head, composition, labels: torch.Tensor, *, cfg: float = 1.5, cfg_schedule: str = "linear",
-             top_k: int = 0, top_p: float = 0.0, more_smooth: bool = False, generator: torch.Generator | None = None,
-             inspect: Inspect | None = None) -> torch.Tensor:
-    """Class labels (B,) -> the final latent (what the tokenizer decodes).
+             generator: torch.Generator | None = None, inspect: Inspect | None = None, **head_options) -> torch.Tensor:
+    """Class labels (B,) -> the final latent state (what `composition.decode` turns into an image).
 
-    The conditional and the null-class pass run as one batch of 2B. `more_smooth` (VAR's visualisation trick,
-    never used for FID) feeds a Gumbel-soft mix of codes instead of the sampled ones. `inspect(si, name, t)`
-    sees the intermediate tensors (used by the parity tests and debugging).
+    The conditional and the null-class pass run as one batch of 2B; the head samples scale k's targets from
+    them with guidance strength t_k (`head.sample`, options such as top_k/top_p/more_smooth or num_steps pass
+    through), and the composition turns them into scale k+1's input. `inspect(si, name, tensor)` sees the
+    intermediate tensors (parity tests, debugging).
     """
     B, S = labels.shape[0], len(composition.scales)
     null = torch.full_like(labels, backbone.num_classes)
@@ -29,16 +28,11 @@ def generate(backbone, head, composition, labels: torch.Tensor, *, cfg: float = 
     try:
         for si in range(S):
             ratio = si / (S - 1) if S > 1 else 1.0
-            logits = head(backbone.step(x, cond), cond)
-            logits = guide(logits[:B], logits[B:], guidance_strength(cfg, ratio, cfg_schedule))
-            if inspect:
-                inspect(si, "logits_cfg", logits)
-            idx = sample_tokens(logits, top_k, top_p, generator)  # masks `logits` in place
-            soft = gumbel_soft(logits.mul(1 + ratio), smooth_tau(ratio), generator) if more_smooth else None
-            if inspect:
-                inspect(si, "logits_masked", logits)
-                inspect(si, "idx", idx)
-            state, nxt = composition.advance(si, state, idx, soft)
+            hidden = backbone.step(x, cond)
+            see = (lambda name, t, si=si: inspect(si, name, t)) if inspect else None
+            targets, soft = head.sample(hidden, cond, guidance_strength(cfg, ratio, cfg_schedule), ratio=ratio,
+                                        generator=generator, inspect=see, **head_options)
+            state, nxt = composition.advance(si, state, targets, soft)
             if nxt is not None:
                 x = backbone.embed_scale(si + 1, nxt).repeat(2, 1, 1)
     finally:

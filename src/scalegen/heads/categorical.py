@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..generators.attention import AdaLNBeforeHead
+from ..guidance import guide
 
 
 class CategoricalHead(nn.Module):
@@ -24,6 +25,26 @@ class CategoricalHead(nn.Module):
     def forward(self, hidden: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """Hidden (B, L, C) -> logits (B, L, V), always float32."""
         return self.proj(self.norm(hidden.float(), cond).float()).float()
+
+    @torch.no_grad()
+    def sample(self, hidden: torch.Tensor, cond: torch.Tensor, cfg_t: float, *, ratio: float, generator=None,
+               top_k: int = 0, top_p: float = 0.0, more_smooth: bool = False, inspect=None):
+        """One scale of generation. hidden/cond hold the conditional then the null-class half (2B rows).
+
+        Returns (indices (B, n), soft codes weights (B, n, V) or None): guided logits, top-k/top-p, one multinomial
+        draw, then for `more_smooth` (VAR's visualisation trick, never for FID) a Gumbel-soft mix of the masked logits.
+        """
+        logits = self(hidden, cond)
+        B = logits.shape[0] // 2
+        logits = guide(logits[:B], logits[B:], cfg_t)
+        if inspect:
+            inspect("logits_cfg", logits)
+        idx = sample_tokens(logits, top_k, top_p, generator)  # masks `logits` in place
+        soft = gumbel_soft(logits.mul(1 + ratio), smooth_tau(ratio), generator) if more_smooth else None
+        if inspect:
+            inspect("logits_masked", logits)
+            inspect("idx", idx)
+        return idx, soft
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, scale_offsets: list[tuple[int, int]]):
         """Mean token cross-entropy (every token weighs 1/L, as VAR) and per-scale loss/accuracy for logging."""

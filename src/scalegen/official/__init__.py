@@ -1,4 +1,5 @@
 """Official checkpoints in and out: one key table per release, strict loads, safetensors out."""
-from .table import CheckpointMismatch, convert, load_strict, read_checkpoint
+from .table import CheckpointMismatch, load_strict, read_checkpoint
+from .table import convert as convert_keys
 
-__all__ = ["CheckpointMismatch", "convert", "load_strict", "read_checkpoint"]
+__all__ = ["CheckpointMismatch", "convert_keys", "load_strict", "read_checkpoint"]

@@ -16,6 +16,7 @@ import json
 import torch
 
 from ..checkpoints import atomic_write, save_safetensors
+from ..scales import VAR_256
 from .table import read_checkpoint
 from .var import export_vae, export_var, load_vae, load_var, var_config_from_state, vae_config_from_state
 
@@ -29,13 +30,17 @@ def read_meta(path: str) -> dict:
     return {"kind": meta.get("kind"), "config": json.loads(meta["config"])} if "config" in meta else {}
 
 
-def to_scalegen(kind: str, src: str, dst: str) -> None:
+def to_scalegen(kind: str, src: str, dst: str, scales=None) -> None:
     state = read_checkpoint(src)
     if kind == "var":
-        config = var_config_from_state(state)
+        config = var_config_from_state(state, scales)
         model = load_var(state, config)
     else:
-        config = vae_config_from_state(state)
+        config = vae_config_from_state(state, **({"v_patch_nums": tuple(scales)} if scales else {}))
+        stats = state.get("quantize.ema_vocab_hit_SV")
+        if stats is not None and stats.shape[0] != len(config.get("v_patch_nums", VAR_256)):
+            raise ValueError(f"{src}: quantize.ema_vocab_hit_SV holds statistics of {stats.shape[0]} scales: give the "
+                             "tokenizer's schedule with --scales (e.g. --scales 1,2,3,4)")
         model = load_vae(state, config)
     config = {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
     save_safetensors(model.state_dict(), dst, metadata={"kind": kind, "config": json.dumps(config)})
@@ -66,9 +71,14 @@ def main(argv=None) -> None:
     parser.add_argument("kind", choices=KINDS)
     parser.add_argument("src")
     parser.add_argument("-o", "--out", required=True)
+    parser.add_argument("--scales", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                        help="the schedule, when not a VAR preset (e.g. 1,2,3,4)")
     parser.add_argument("--to-official", action="store_true", help="scalegen safetensors -> official .pth layout")
     args = parser.parse_args(argv)
-    (to_official if args.to_official else to_scalegen)(args.kind, args.src, args.out)
+    if args.to_official:
+        to_official(args.kind, args.src, args.out)
+    else:
+        to_scalegen(args.kind, args.src, args.out, args.scales)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """VAR's releases: `vae_ch160v4096z32.pth` (multi-scale VQVAE) and `var_d{16,20,24,30,36}.pth` (the transformer)."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..generators import AdaLNTransformer, Generator
@@ -38,12 +40,20 @@ VAR_TABLE: list[Rule] = [
 _PRESET_BY_L = {ScaleSchedule.of(p).num_tokens: p for p in (VAR_256, VAR_512, VAR_1024)}
 
 
+def _scales_from_levels(levels: torch.Tensor) -> tuple[int, ...] | None:
+    counts = torch.bincount(levels.reshape(-1).long()).tolist()
+    sides = [math.isqrt(n) for n in counts]
+    return tuple(sides) if all(n > 0 and s * s == n for s, n in zip(sides, counts)) else None
+
+
 def var_config_from_state(state: dict, scales=None) -> dict:
     """Infer the architecture of an official VAR state dict from its keys and shapes (never from the file name)."""
     L, width = state["pos_1LC"].shape[1:]
     depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
-    if scales is None and L not in _PRESET_BY_L:
-        raise ValueError(f"pos_1LC has {L} positions, which matches no VAR preset {sorted(_PRESET_BY_L)}: pass scales=")
+    if scales is None and L not in _PRESET_BY_L:  # not a preset: the level-id buffer of the file gives the schedule
+        scales = _scales_from_levels(state["lvl_1L"]) if "lvl_1L" in state else None
+        if scales is None:
+            raise ValueError(f"pos_1LC has {L} positions, which matches no VAR preset {sorted(_PRESET_BY_L)}: pass scales=")
     scales = ScaleSchedule.of(scales or _PRESET_BY_L[L])
     if scales.num_tokens != L:
         raise ValueError(f"scales {scales.sizes} give {scales.num_tokens} tokens but pos_1LC has {L}")
