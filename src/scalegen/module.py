@@ -61,8 +61,8 @@ class GeneratorModule(L.LightningModule):
         if drop_labels and self.cond_drop_rate > 0:  # classifier-free guidance: some labels become the null class
             drop = torch.rand(labels.shape[0], device=labels.device) < self.cond_drop_rate
             labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
-        out = self.generator(labels, inputs)
-        return self.generator.head.loss(out, torch.cat(targets, dim=1), self.composition.scales.offsets)
+        hidden, cond = self.generator.backbone(labels, inputs)
+        return self.generator.head.training_loss(hidden, cond, targets, self.composition.scales)
 
     def training_step(self, batch, batch_idx):
         loss, per_scale = self._loss(batch, drop_labels=True)
@@ -70,9 +70,7 @@ class GeneratorModule(L.LightningModule):
             return self._skip_nonfinite(loss)
         self.nonfinite_in_row = 0
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/acc", torch.stack([a for _, a in per_scale.values()]).mean())
-        for si, (l, a) in per_scale.items():
-            self.log(f"train_scale/loss_s{si}", l)
+        self._log_scales("train", per_scale)
         self.log("lr", self.optimizers().param_groups[0]["lr"])
         return loss
 
@@ -89,9 +87,16 @@ class GeneratorModule(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         loss, per_scale = self._loss(batch, drop_labels=False)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
-        self.log("val/acc", torch.stack([a for _, a in per_scale.values()]).mean(), sync_dist=True)
-        for si, (l, a) in per_scale.items():
-            self.log(f"val_scale/acc_s{si}", a, sync_dist=True)
+        self._log_scales("val", per_scale, sync_dist=True)
+
+    def _log_scales(self, split: str, per_scale: dict, **kw) -> None:
+        """Per-scale values from the head (loss, accuracy, ...) and their mean over scales."""
+        names = next(iter(per_scale.values())).keys()
+        for name in names:
+            if name != "loss":
+                self.log(f"{split}/{name}", torch.stack([v[name] for v in per_scale.values()]).mean(), **kw)
+            for si, v in per_scale.items():
+                self.log(f"{split}_scale/{name}_s{si}", v[name], **kw)
 
     def on_validation_epoch_end(self):
         if self.trainer.sanity_checking or not self.trainer.is_global_zero:

@@ -46,6 +46,10 @@ class CategoricalHead(nn.Module):
             inspect("idx", idx)
         return idx, soft
 
+    def training_loss(self, hidden: torch.Tensor, cond: torch.Tensor, targets: list[torch.Tensor], scales):
+        """The contract every head keeps for the LightningModule: hidden states + per-scale targets -> loss, logs."""
+        return self.loss(self(hidden, cond), torch.cat(targets, dim=1), scales.offsets)
+
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, scale_offsets: list[tuple[int, int]]):
         """Mean token cross-entropy (every token weighs 1/L, as VAR) and per-scale loss/accuracy for logging."""
         B, L, V = logits.shape
@@ -54,7 +58,7 @@ class CategoricalHead(nn.Module):
         loss = ce.mul(1.0 / L).sum(-1).mean()
         with torch.no_grad():
             hit = (logits.argmax(-1) == targets).float()
-            per_scale = {si: (ce[:, b:e].mean(), hit[:, b:e].mean() * 100) for si, (b, e) in enumerate(scale_offsets)}
+            per_scale = {si: {"loss": ce[:, b:e].mean(), "acc": hit[:, b:e].mean() * 100} for si, (b, e) in enumerate(scale_offsets)}
         return loss, per_scale
 
 

@@ -47,8 +47,11 @@ class Phi(nn.Conv2d):
 class MultiScaleQuantizer(nn.Module):
     def __init__(self, vocab_size: int = 4096, channels: int = 32, scales: Sequence = VAR_256, beta: float = 0.25,
                  using_znorm: bool = False, quant_resi: float = 0.5, share_quant_resi: int = 4,
-                 default_qresi_counts: int = 0):
+                 default_qresi_counts: int = 0, restart_dead_codes: int = 0):
         super().__init__()
+        # every N training steps, codes no scale has used lately restart at residual vectors of the batch
+        # (0 = never, the official behaviour); against the codebook collapse VAR's users report (VAR issue #54)
+        self.restart_dead_codes = restart_dead_codes
         self.vocab_size, self.channels, self.beta, self.using_znorm = vocab_size, channels, beta, using_znorm
         self.scales, self.share_quant_resi = ScaleSchedule.of(scales), share_quant_resi
         # share_quant_resi: 0 = one phi per scale, 1 = one shared phi, K >= 2 = K phis shared by nearby scales
@@ -101,10 +104,13 @@ class MultiScaleQuantizer(nn.Module):
         B, C, H, W = f.shape
         f_no_grad = f.detach()
         rest, f_hat = f_no_grad.clone(), torch.zeros_like(f)
-        loss, hits = 0.0, []
+        loss, hits, residuals = 0.0, [], []
         sched = self.scales
         for si, ((h, w), phi, last) in enumerate(zip(sched.sizes, self.phis(len(sched)), _last_flags(len(sched)))):
-            idx = self.nearest(rest if last else area_down(rest, (h, w)))
+            z = rest if last else area_down(rest, (h, w))
+            idx = self.nearest(z)
+            if self.restart_dead_codes:
+                residuals.append(z.detach().permute(0, 2, 3, 1).reshape(-1, C))
             hit = idx.bincount(minlength=self.vocab_size).float()
             if self.training and dist.is_available() and dist.is_initialized():
                 dist.all_reduce(hit)
@@ -119,7 +125,26 @@ class MultiScaleQuantizer(nn.Module):
                 self._record(si, hit)
         loss *= 1.0 / len(sched)
         f_hat = (f_hat.data - f_no_grad).add_(f)  # straight-through estimator
+        if self.training and self.restart_dead_codes and self.record_hit % self.restart_dead_codes == 0:
+            self._restart(torch.cat(residuals))
         return f_hat, loss, hits
+
+    @torch.no_grad()
+    def _restart(self, candidates: torch.Tensor) -> None:
+        usage = self.usage_ema.sum(0)
+        dead = torch.nonzero(usage < 0.01 * usage.mean()).flatten()
+        if len(dead) == 0:
+            return
+        if dist.is_available() and dist.is_initialized():  # every rank must restart to the same vectors
+            gathered = [torch.empty_like(candidates) for _ in range(dist.get_world_size())]
+            dist.all_gather(gathered, candidates.contiguous())
+            candidates = torch.cat(gathered)
+            pick = torch.randint(len(candidates), (len(dead),), device=candidates.device)
+            dist.broadcast(pick, 0)
+        else:
+            pick = torch.randint(len(candidates), (len(dead),), device=candidates.device)
+        self.embedding.weight.data[dead] = candidates[pick]
+        self.usage_ema[:, dead] = self.usage_ema.mean()  # give them time to be used before the next check
 
     @torch.no_grad()
     def _record(self, si: int, hit: torch.Tensor) -> None:
@@ -188,7 +213,7 @@ class MultiScaleVQVAE(nn.Module):
                  num_res_blocks: int = 2, dropout: float = 0.0, beta: float = 0.25, using_znorm: bool = False,
                  quant_conv_ks: int = 3, quant_resi: float = 0.5, share_quant_resi: int = 4, default_qresi_counts: int = 0,
                  v_patch_nums: Sequence = VAR_256, using_sa: bool = True, using_mid_sa: bool = True,
-                 in_channels: int = 3, norm_groups: int = 32):
+                 in_channels: int = 3, norm_groups: int = 32, restart_dead_codes: int = 0):
         super().__init__()
         conv = dict(ch=ch, ch_mult=tuple(ch_mult), num_res_blocks=num_res_blocks, z_channels=z_channels, in_channels=in_channels,
                     dropout=dropout, using_sa=using_sa, using_mid_sa=using_mid_sa, norm_groups=norm_groups)
@@ -196,7 +221,7 @@ class MultiScaleVQVAE(nn.Module):
         self.downsample = 2 ** (len(ch_mult) - 1)
         self.vocab_size, self.latent_channels = vocab_size, z_channels
         self.quantize = MultiScaleQuantizer(vocab_size, z_channels, v_patch_nums, beta, using_znorm, quant_resi,
-                                            share_quant_resi, default_qresi_counts)
+                                            share_quant_resi, default_qresi_counts, restart_dead_codes)
         self.quant_conv = nn.Conv2d(z_channels, z_channels, quant_conv_ks, padding=quant_conv_ks // 2)
         self.post_quant_conv = nn.Conv2d(z_channels, z_channels, quant_conv_ks, padding=quant_conv_ks // 2)
 
