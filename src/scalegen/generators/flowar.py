@@ -1,0 +1,110 @@
+"""FlowAR's scale-wise transformer, built from the shared AdaLN blocks (RMSNorm, SwiGLU-GELU, 2D RoPE options).
+
+The sequence is `[class token] ++ z_proj(input of scale 2) ++ ... ++ z_proj(input of scale K)`; output block k
+conditions the head at scale k. Two stacks of blocks ("encoder"/"decoder", MAR's names; nothing is masked) with a
+learnt position table before each and one after, RMSNorms with gains between them; both stacks live in one `blocks`
+list (the first `encoder_depth` are the encoder's), so activation checkpointing and FSDP wrap them as any backbone's.
+The block-causal mask in training and the KV cache in generation give the same numbers. Reference: FLOWAR.md sec. 2.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from ..scales import ScaleSchedule
+from .attention import AdaLNBlock, RMSNorm
+from .rope import rope_table
+
+
+class FlowARTransformer(nn.Module):
+    def __init__(self, num_classes: int = 1000, token_dim: int = 16, scales: Sequence = (1, 2, 4, 8, 16),
+                 width: int = 768, encoder_depth: int = 6, decoder_depth: int = 6, num_heads: int = 12,
+                 mlp_ratio: float = 4.0, attn_drop_rate: float = 0.0, proj_drop_rate: float = 0.0,
+                 norm_eps: float = 1e-6, rope_grid: float = 16, rope_theta: float = 10000.0):
+        super().__init__()
+        if width % num_heads:
+            raise ValueError(f"backbone.width {width} is not divisible by backbone.num_heads {num_heads}")
+        self.scales = ScaleSchedule.of(scales)
+        self.num_classes, self.token_dim, self.width = num_classes, token_dim, width
+        self.encoder_depth = encoder_depth
+        self.first_l = self.scales.token_counts[0]
+        L = self.scales.num_tokens
+
+        self.class_emb = nn.Embedding(num_classes + 1, width)  # index num_classes = the null class (CFG)
+        self.z_proj = nn.Linear(token_dim, width)
+        # the official names them encoder/decoder/diffusion_pos_embed_learned; AdamW decays them (FlowAR's recipe)
+        self.enc_pos = nn.Parameter(torch.zeros(1, L, width))
+        self.dec_pos = nn.Parameter(torch.zeros(1, L, width))
+        self.head_pos = nn.Parameter(torch.zeros(1, L, width))
+        self.z_proj_ln = RMSNorm(width, norm_eps, weight=True)
+        block = dict(dim=width, cond_dim=width, num_heads=num_heads, mlp_ratio=mlp_ratio, drop=proj_drop_rate,
+                     attn_drop=attn_drop_rate, norm_eps=norm_eps, attn_l2_norm=False, norm="rms", mlp="swiglu",
+                     qkv_bias="all", attn_scale=(width // num_heads) ** -0.5)
+        self.blocks = nn.ModuleList(AdaLNBlock(**block) for _ in range(encoder_depth + decoder_depth))
+        self.encoder_norm = RMSNorm(width, norm_eps, weight=True)
+        self.decoder_embed = nn.Linear(width, width)
+        self.decoder_norm = RMSNorm(width, norm_eps, weight=True)
+
+        cos, sin = rope_table(width // num_heads, self.scales.sizes, rope_grid, rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("attn_bias", self.scales.block_causal_bias(), persistent=False)
+        self._cached_len = 0
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """FlowAR's `initialize_weights`: xavier-uniform linears with zero bias, N(0, 0.02) class and positions."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    m.bias.zero_()
+        for t in (self.class_emb.weight, self.enc_pos, self.dec_pos, self.head_pos):
+            nn.init.normal_(t, std=0.02)
+
+    # -- the two stacks, shared by the full forward and generation -------------------------------------------------
+    def _run(self, blocks, x, cond, bias, rope):
+        for blk in blocks:
+            x = blk(x, cond, bias, rope)
+        return x
+
+    def _body(self, x: torch.Tensor, cond: torch.Tensor, begin: int, end: int, bias: torch.Tensor | None) -> torch.Tensor:
+        """Positions [begin, end) of the sequence, embedded -> the head's condition for them."""
+        rope = (self.rope_cos[begin:end], self.rope_sin[begin:end])
+        x = self.z_proj_ln(x + self.enc_pos[:, begin:end])
+        x = self.encoder_norm(self._run(self.blocks[: self.encoder_depth], x, cond, bias, rope))
+        x = self.decoder_embed(x) + self.dec_pos[:, begin:end]
+        x = self.decoder_norm(self._run(self.blocks[self.encoder_depth:], x, cond, bias, rope))
+        return x + self.head_pos[:, begin:end]
+
+    def start(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Labels (B,) -> the first scale's input (the class token, repeated if that scale has several) and the cond."""
+        cond = self.class_emb(labels)
+        return cond.unsqueeze(1).expand(-1, self.first_l, -1), cond
+
+    def embed_scale(self, si: int, tokens: torch.Tensor) -> torch.Tensor:
+        """Input features of scale si (B, n, token_dim) -> model inputs (B, n, C); positions are added in `step`."""
+        return self.z_proj(tokens)
+
+    # -- training --------------------------------------------------------------------------------------------------
+    def forward(self, labels: torch.Tensor, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced pass. labels (B,), inputs (B, L - n0, token_dim) -> hidden (B, L, C), cond (B, C)."""
+        x, cond = self.start(labels)
+        x = torch.cat((x, self.z_proj(inputs)), dim=1)
+        L = x.shape[1]
+        return self._body(x, cond, 0, L, self.attn_bias[:L, :L]), cond
+
+    # -- generation ------------------------------------------------------------------------------------------------
+    def kv_caching(self, enable: bool) -> None:
+        self._cached_len = 0
+        for blk in self.blocks:
+            blk.attn.kv_caching(enable)
+
+    def step(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """The next scale with the KV cache on: its inputs (B, n, C) -> hidden (B, n, C)."""
+        begin = self._cached_len
+        self._cached_len += x.shape[1]
+        return self._body(x, cond, begin, self._cached_len, None)

@@ -1,0 +1,193 @@
+"""FlowAR's per-scale flow network (`SimpleTransformerAdaLN`): a small transformer over one scale's tokens.
+
+Input x_t (B, N, C) and the AR output z (B, N, D) at the same positions; output the velocity (B, N, C). Two block
+kinds: spatial AdaLN (`Block_v1`, FlowAR-S: modulations from t + c per token) and cross-attention (`Block_v2`,
+FlowAR-L/H: time-only AdaLN on self-attention, cross-attention to z, per-token AdaLN on the MLP). Every attention
+is bidirectional within the scale with 2D RoPE on the scale's grid. Reference: reference/FLOWAR.md sec. 3.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import SwiGLU
+
+from ..generators.attention import RMSNorm, modulate
+from ..generators.rope import apply_rope, rope_angles, rope_frequencies
+
+
+def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+    """t (B,) -> (B, dim) sinusoids [cos | sin], in fp32 (DiT's, as FlowAR uses it)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1) if dim % 2 else emb
+
+
+class TimeEmbed(nn.Module):
+    """t in [0, 1] -> (B, W). FlowAR truncates t*1000 to an integer first (`(t*1000).long()`), kept here."""
+
+    def __init__(self, width: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        steps = (t.float() * 1000).long()  # the official truncation, on the fp32 time
+        with torch.autocast(t.device.type, enabled=False):  # the embedding stays fp32 under mixed precision
+            return self.mlp(timestep_embedding(steps, self.freq_dim))
+
+
+class Attention(nn.Module):
+    """Self-attention (kv=None) or cross-attention to kv (B, N, kv_dim) at the same N positions; RoPE on q and k."""
+
+    def __init__(self, dim: int, num_heads: int, kv_dim: int | None = None):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        if kv_dim is None:
+            self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        else:
+            self.q = nn.Linear(dim, dim, bias=False)
+            self.kv = nn.Linear(kv_dim, 2 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim)
+
+    def keys_values(self, kv: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention keys (rotated) and values of kv (B, N, kv_dim): fixed for a scale, so the sampler keeps them."""
+        B, N, _ = kv.shape
+        k, v = self.kv(kv).view(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return apply_rope(k, rope), v
+
+    def forward(self, x: torch.Tensor, rope, kv: torch.Tensor | None = None, kv_cached=None) -> torch.Tensor:
+        B, N, C = x.shape
+        if kv is None and kv_cached is None:
+            q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            k = apply_rope(k, rope)
+        else:
+            q = self.q(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+            k, v = kv_cached if kv_cached is not None else self.keys_values(kv, rope)
+        q = apply_rope(q, rope)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C))
+
+
+def _mlp(width: int, mlp_ratio: float) -> SwiGLU:
+    return SwiGLU(width, int(width * mlp_ratio * 2 / 3), act_layer=nn.GELU)
+
+
+class SpatialAdaLNBlock(nn.Module):
+    """`Block_v1`: x += g1*attn(norm(x)(1+s1)+b1); x += g2*mlp(norm(x)(1+s2)+b2), mods = Linear(SiLU(t + c)) per token."""
+
+    def __init__(self, width: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.width = width
+        self.norm = RMSNorm(width)
+        self.attn = Attention(width, num_heads)
+        self.mlp = _mlp(width, mlp_ratio)
+        self.ada_lin = nn.Linear(width, 6 * width)
+
+    def forward(self, x, t, c, z, rope, kv_cached=None):
+        B, N, _ = x.shape
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = self.ada_lin(F.silu(t + c)).view(B, N, 6, self.width).unbind(2)
+        x = x + self.attn(modulate(self.norm(x), scale1, shift1), rope).mul_(gamma1)
+        return x + self.mlp(modulate(self.norm(x), scale2, shift2)).mul_(gamma2)
+
+
+class CrossAttnBlock(nn.Module):
+    """`Block_v2`: time-modulated self-attention, cross-attention to the AR output z, (t + c)-modulated MLP."""
+
+    def __init__(self, width: int, num_heads: int, cond_width: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.width = width
+        self.norm = RMSNorm(width)
+        self.attn = Attention(width, num_heads)
+        self.crossattn = Attention(width, num_heads, kv_dim=cond_width)
+        self.norm2_1, self.norm2_2 = RMSNorm(width, weight=True), RMSNorm(cond_width, weight=True)
+        self.mlp = _mlp(width, mlp_ratio)
+        self.ada_lin_attn = nn.Linear(width, 3 * width)
+        self.ada_lin_mlp = nn.Linear(width, 3 * width)
+
+    def cross_keys_values(self, z: torch.Tensor, rope):
+        return self.crossattn.keys_values(self.norm2_2(z), rope)
+
+    def forward(self, x, t, c, z, rope, kv_cached=None):
+        B, N, _ = x.shape
+        gamma1, scale1, shift1 = self.ada_lin_attn(F.silu(t)).view(B, 1, 3, self.width).unbind(2)
+        gamma2, scale2, shift2 = self.ada_lin_mlp(F.silu(c + t)).view(B, N, 3, self.width).unbind(2)
+        x = x + self.attn(modulate(self.norm(x), scale1, shift1), rope).mul_(gamma1)
+        kv_cached = kv_cached if kv_cached is not None else self.cross_keys_values(z, rope)
+        x = x + self.crossattn(self.norm2_1(x), rope, kv_cached=kv_cached)
+        return x + self.mlp(modulate(self.norm(x), scale2, shift2)).mul_(gamma2)
+
+
+class FinalLayer(nn.Module):
+    """norm(x)(1 + scale) + shift -> Linear to the latent channels; (shift, scale) per token from t + c."""
+
+    def __init__(self, width: int, out_channels: int):
+        super().__init__()
+        self.norm = RMSNorm(width)
+        self.linear = nn.Linear(width, out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+
+    def forward(self, x: torch.Tensor, tc: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(tc).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm(x), scale, shift))
+
+
+class FlowNet(nn.Module):
+    """velocity(x_t (B,N,C), t (B,), z (B,N,D), hw) -> (B,N,C); `hw` is the scale's token-map size for RoPE."""
+
+    def __init__(self, channels: int, width: int, cond_width: int, depth: int, cross: bool = False,
+                 num_heads: int | None = None, mlp_ratio: float = 4.0, time_freq_dim: int = 256,
+                 rope_grid: float = 16, zero_init_output: bool = False):
+        super().__init__()
+        num_heads = num_heads or max(width // 64, 1)  # FlowAR: heads of 64 channels
+        if width % num_heads:
+            raise ValueError(f"head.flow_width {width} is not divisible by head.num_heads {num_heads}")
+        self.channels, self.rope_grid = channels, rope_grid
+        self.time_embed = TimeEmbed(width, time_freq_dim)
+        self.cond_embed = nn.Linear(cond_width, width)
+        self.input_proj = nn.Linear(channels, width)
+        self.res_blocks = nn.ModuleList(
+            CrossAttnBlock(width, num_heads, cond_width, mlp_ratio) if cross else SpatialAdaLNBlock(width, num_heads, mlp_ratio)
+            for _ in range(depth))
+        self.final_layer = FinalLayer(width, channels)
+        self.register_buffer("rope_freqs", rope_frequencies(width // num_heads), persistent=False)
+        self._rope_cache: dict = {}
+        self.init_weights(zero_init_output)
+
+    @torch.no_grad()
+    def init_weights(self, zero_init_output: bool = False) -> None:
+        """What the official FlowAR model ends up with: xavier-uniform linears, zero biases (its model-wide init
+        runs after the head's own and so undoes the head's zero output layer; `zero_init_output` restores it)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    m.bias.zero_()
+        if zero_init_output:
+            self.final_layer.linear.weight.zero_()
+
+    def rope(self, hw: tuple[int, int], device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (hw, device)
+        if key not in self._rope_cache:
+            angles = rope_angles(self.rope_freqs.to(device), hw[0], hw[1], self.rope_grid)
+            self._rope_cache[key] = (angles.cos(), angles.sin())
+        return self._rope_cache[key]
+
+    def context(self, z: torch.Tensor, hw: tuple[int, int]) -> dict:
+        """What depends only on the condition z (B, N, D) of a scale: computed once, reused by every ODE step."""
+        rope = self.rope(tuple(hw), z.device)
+        kv = [blk.cross_keys_values(z, rope) if hasattr(blk, "crossattn") else None for blk in self.res_blocks]
+        return {"z": z, "rope": rope, "c": self.cond_embed(z), "kv": kv}
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor | None, hw: tuple[int, int] | None = None,
+                context: dict | None = None) -> torch.Tensor:
+        ctx = context if context is not None else self.context(z, hw)
+        x = self.input_proj(x)
+        t = self.time_embed(t).unsqueeze(1)
+        c = ctx["c"]
+        for block, kv in zip(self.res_blocks, ctx["kv"]):
+            x = block(x, t, c, ctx["z"], ctx["rope"], kv)
+        return self.final_layer(x, c + t)
