@@ -1,0 +1,241 @@
+"""Mamba2 (Dao & Gu, 2024) as M-VAR uses it: our own chunked SSD scan in plain PyTorch, mamba-ssm's kernels on GPU.
+
+The parameters are `mamba_ssm.Mamba2`'s, name for name and shape for shape (in_proj, conv1d, dt_bias, A_log, D,
+norm.weight, out_proj), so official checkpoints load without renaming. Per token t (reference/MVAR.md sec. 1.4):
+
+    [z | xBC | dt] = in_proj(u);  x, B, C = split(SiLU(causal depthwise conv(xBC)))
+    h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T ;  y_t = h_t C_t + D x_t ;  out = out_proj(RMSNorm(y * SiLU(z)))
+
+`forward(u)` runs a whole sequence from the zero state (training); `step(u, state)` continues from a carried state
+(the last d_conv-1 conv inputs and the SSM state) over a chunk of any length, which is how M-VAR's generation adds
+one scale at a time. On CUDA tensors with `mamba-ssm` and `causal-conv1d` installed (extra `[mamba]`) the same
+module calls their kernels; anywhere else it runs the scan below. mamba-ssm is imported only on that CUDA path.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "torch", "mamba_ssm")
+
+
+class MambaState(NamedTuple):
+    conv: torch.Tensor  # (B, conv_dim, d_conv - 1): the last pre-conv inputs
+    ssm: torch.Tensor  # (B, nheads, headdim, d_state), mamba-ssm's layout
+
+
+# ---- the scan ------------------------------------------------------------------------------------------------------
+
+
+def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, chunk: int = 64,
+             initial_state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The SSD recurrence h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T, y_t = h_t C_t, computed chunk by chunk.
+
+    x (b, l, h, p), dt (b, l, h) after softplus, A (h,) negative, B and C (b, l, g, n) with g dividing h (heads
+    of a group are contiguous, as in mamba-ssm), initial_state (b, h, p, n) or None (zeros). Returns y (b, l, h, p)
+    and the state after the last token. Inside a chunk the outputs are one masked matmul (SSD's quadratic form);
+    the state passes between chunks in a loop over l / chunk steps (never over tokens), which keeps every
+    temporary small enough to stay in cache on CPU. Everything is float32.
+    """
+    b, l, h, p = x.shape
+    g, n = B.shape[-2:]
+    hg = h // g
+    x = x.float().permute(0, 2, 1, 3)  # (b, h, l, p)
+    dt = dt.float().transpose(1, 2)  # (b, h, l)
+    B, C = B.float().permute(0, 2, 1, 3), C.float().permute(0, 2, 1, 3)  # (b, g, l, n)
+    dA = dt * A.float().view(1, h, 1)  # log-decay of each step
+    state = x.new_zeros(b, h, p, n) if initial_state is None else initial_state.float()
+    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=x.device).tril()
+    strict = causal.tril(-1)
+    ys = []
+    for start in range(0, l, chunk):
+        end = min(start + chunk, l)
+        q = end - start
+        xk, dtk, dAk, Bk, Ck = x[:, :, start:end], dt[:, :, start:end], dA[:, :, start:end], B[:, :, start:end], C[:, :, start:end]
+        # seg[t, s] = sum_{s<k<=t} dA_k, summed per segment (not cum_t - cum_s, which cancels badly in float32)
+        seg = dAk.unsqueeze(-1).expand(b, h, q, q).masked_fill(~strict[:q, :q], 0).cumsum(dim=-2)
+        decay = seg.masked_fill(~causal[:q, :q], -math.inf).exp()  # (b, h, Q, Q)
+        # within the chunk: y_t = sum_{s<=t} exp(seg[t, s]) dt_s (C_t . B_s) x_s
+        CB = (Ck @ Bk.transpose(-1, -2)).unsqueeze(2)  # (b, g, 1, Q, Q), shared by the group's heads
+        mix = (decay * dtk.unsqueeze(-2)).view(b, g, hg, q, q) * CB
+        y = mix.view(b, h, q, q) @ xk
+        # from the state entering the chunk: y_t += exp(cum_t) h C_t
+        cum = dAk.cumsum(dim=-1)
+        carried = (Ck @ state.reshape(b, g, hg * p, n).transpose(-1, -2)).view(b, g, q, hg, p).transpose(2, 3)
+        y = y + carried.reshape(b, h, q, p) * cum.exp().unsqueeze(-1)
+        ys.append(y)
+        # the state leaving the chunk: decayed old state + sum_s exp(seg[end, s]) dt_s x_s B_s^T
+        weight = decay[:, :, -1] * dtk  # (b, h, Q)
+        added = ((xk.transpose(-1, -2) * weight.unsqueeze(-2)).view(b, g, hg * p, q) @ Bk).view(b, h, p, n)
+        state = state * cum[:, :, -1:].exp().unsqueeze(-1) + added
+    return torch.cat(ys, dim=2).transpose(1, 2), state
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm(y * SiLU(z)) * weight per group of channels: mamba-ssm's RMSNormGated with norm_before_gate=False."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, group_size: int | None = None):
+        super().__init__()
+        self.eps, self.group_size = eps, group_size or dim
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        dtype = y.dtype
+        y = y.float() * F.silu(z.float())
+        groups = y.view(*y.shape[:-1], -1, self.group_size)
+        y = (groups * torch.rsqrt(groups.square().mean(-1, keepdim=True) + self.eps)).view(y.shape)
+        return (y * self.weight.float()).to(dtype)
+
+
+# ---- the mamba-ssm kernels, only on CUDA --------------------------------------------------------------------------
+
+_KERNELS: dict | None = None
+_LOGGED: set = set()
+
+
+def _log_once(message: str) -> None:
+    if message not in _LOGGED:
+        _LOGGED.add(message)
+        log.info(message)
+
+
+def mamba_kernels() -> dict | None:
+    """mamba-ssm's fused functions, or None (with the reason logged) when they cannot be imported. Called on CUDA only."""
+    global _KERNELS
+    if _KERNELS is None:
+        try:
+            import causal_conv1d  # noqa: F401  (the fused path calls its conv kernel)
+            from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined, mamba_split_conv1d_scan_combined
+            _KERNELS = dict(split_conv1d_scan=mamba_split_conv1d_scan_combined, chunk_scan=mamba_chunk_scan_combined)
+        except Exception as e:  # ImportError, or a broken build (missing selective_scan_cuda, Triton errors)
+            _KERNELS = {"error": f"{type(e).__name__}: {e}"}
+    return None if "error" in _KERNELS else _KERNELS
+
+
+class Mamba2(nn.Module):
+    """A Mamba2 mixer with mamba_ssm.Mamba2's parameters and defaults (M-VAR passes d_state 64, d_conv 4, expand 2).
+
+    backend: "auto" (mamba-ssm kernels for CUDA tensors when installed, else the PyTorch scan), "torch" (always the
+    PyTorch scan) or "mamba_ssm" (the kernels, an error where they are missing). `scan_chunk` is the chunk length
+    of the PyTorch scan (64 is fastest on CPU); `chunk_size` is the kernels' (mamba-ssm's default 256).
+    """
+
+    def __init__(self, d_model: int, d_state: int = 128, d_conv: int = 4, expand: int = 2, headdim: int = 64,
+                 ngroups: int = 1, A_init_range: tuple[float, float] = (1, 16), dt_min: float = 0.001,
+                 dt_max: float = 0.1, dt_init_floor: float = 1e-4, bias: bool = False, conv_bias: bool = True,
+                 chunk_size: int = 256, scan_chunk: int = 64, backend: str = "auto"):
+        super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"mamba backend must be one of {BACKENDS}, got {backend!r}")
+        self.d_model, self.d_state, self.d_conv, self.headdim, self.ngroups = d_model, d_state, d_conv, headdim, ngroups
+        self.d_inner = expand * d_model
+        if self.d_inner % headdim:
+            raise ValueError(f"expand * d_model = {self.d_inner} is not divisible by headdim {headdim}")
+        self.nheads = self.d_inner // headdim
+        if self.nheads % ngroups:
+            raise ValueError(f"nheads {self.nheads} is not divisible by ngroups {ngroups}")
+        self.conv_dim = self.d_inner + 2 * ngroups * d_state
+        self.chunk_size, self.scan_chunk, self.backend = chunk_size, scan_chunk, backend
+
+        # in_proj rows in mamba-ssm's order: z, x, B, C, dt
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner + 2 * ngroups * d_state + self.nheads, bias=bias)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim, padding=d_conv - 1, bias=conv_bias)
+        # mamba-ssm's init: dt log-uniform in [dt_min, dt_max] stored through the inverse softplus, A uniform in range
+        dt = torch.exp(torch.rand(self.nheads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=dt_init_floor)
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+        self.A_log = nn.Parameter(torch.empty(self.nheads).uniform_(*A_init_range).log())
+        self.D = nn.Parameter(torch.ones(self.nheads))
+        for p in (self.dt_bias, self.A_log, self.D):
+            p._no_weight_decay = True
+        self.norm = GatedRMSNorm(self.d_inner, eps=1e-5, group_size=self.d_inner // ngroups)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
+
+    # -- which implementation --------------------------------------------------------------------------------------
+    def _kernels(self, u: torch.Tensor) -> dict | None:
+        if self.backend == "torch":
+            _log_once("Mamba2: PyTorch chunked scan (backend=torch)")
+            return None
+        if not u.is_cuda:  # never import mamba-ssm for CPU tensors
+            if self.backend == "mamba_ssm":
+                raise RuntimeError("Mamba2 backend=mamba_ssm needs CUDA tensors; use backend=auto or torch on CPU")
+            _log_once("Mamba2: PyTorch chunked scan (CPU tensors)")
+            return None
+        kernels = mamba_kernels()
+        if kernels is None:
+            reason = _KERNELS["error"]
+            if self.backend == "mamba_ssm":
+                raise RuntimeError(f"Mamba2 backend=mamba_ssm: the kernels are not importable ({reason}); "
+                                   "pip install 'scalegen[mamba]' on a CUDA machine, or use backend=auto")
+            _log_once(f"Mamba2: PyTorch chunked scan on CUDA (mamba-ssm / causal-conv1d unavailable: {reason})")
+            return None
+        _log_once("Mamba2: mamba-ssm + causal-conv1d kernels (CUDA)")
+        return kernels
+
+    # -- the pieces ------------------------------------------------------------------------------------------------
+    def initial_state(self, batch: int, device=None, dtype=torch.float32) -> MambaState:
+        return MambaState(torch.zeros(batch, self.conv_dim, self.d_conv - 1, device=device, dtype=dtype),
+                          torch.zeros(batch, self.nheads, self.headdim, self.d_state, device=device, dtype=torch.float32))
+
+    def _split(self, zxbcdt: torch.Tensor):
+        return zxbcdt.split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
+
+    def _conv(self, xBC: torch.Tensor, prev: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Causal depthwise conv + SiLU over (b, l, conv_dim), continuing from `prev` (b, conv_dim, d_conv-1)."""
+        xt = xBC.transpose(1, 2)
+        if prev is None:
+            prev = xt.new_zeros(xt.shape[0], self.conv_dim, self.d_conv - 1)
+        xt = torch.cat((prev.to(xt.dtype), xt), dim=-1)
+        out = F.conv1d(xt, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)
+        return F.silu(out).transpose(1, 2), xt[..., xt.shape[-1] - (self.d_conv - 1):].clone()
+
+    def _ssm_inputs(self, xBC: torch.Tensor, dt: torch.Tensor):
+        b, l, _ = xBC.shape
+        x, B, C = xBC.split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
+        x = x.reshape(b, l, self.nheads, self.headdim)
+        B, C = B.reshape(b, l, self.ngroups, self.d_state), C.reshape(b, l, self.ngroups, self.d_state)
+        return x, B, C, dt
+
+    def _mix(self, u: torch.Tensor, state: MambaState | None, kernels: dict | None):
+        """The PyTorch path (and the stateful CUDA path: our conv, mamba-ssm's chunk scan). -> (out, new state)."""
+        b, l, _ = u.shape
+        z, xBC, dt = self._split(self.in_proj(u))
+        xBC, conv_state = self._conv(xBC, None if state is None else state.conv)
+        x, B, C, dt = self._ssm_inputs(xBC, dt)
+        A = -torch.exp(self.A_log.float())
+        ssm0 = None if state is None else state.ssm
+        if kernels is None:
+            with torch.autocast(u.device.type, enabled=False):  # the scan's matmuls stay float32 under mixed precision
+                y, ssm = ssd_scan(x, F.softplus(dt.float() + self.dt_bias.float()), A, B, C, self.scan_chunk, ssm0)
+            y = y + x.float() * self.D.float().view(-1, 1)
+        else:
+            y, ssm = kernels["chunk_scan"](x, dt, A, B, C, self.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True,
+                                           initial_states=ssm0, return_final_states=True)
+        y = self.norm(y.reshape(b, l, self.d_inner).to(u.dtype), z)
+        return self.out_proj(y), MambaState(conv_state, ssm)
+
+    # -- the two entry points --------------------------------------------------------------------------------------
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        """A whole sequence (b, l, d_model) from the zero state -> (b, l, d_model)."""
+        kernels = self._kernels(u)
+        if kernels is None:
+            return self._mix(u, None, None)[0]
+        return kernels["split_conv1d_scan"](
+            self.in_proj(u), self.conv1d.weight.squeeze(1), self.conv1d.bias, self.dt_bias, -torch.exp(self.A_log.float()),
+            D=self.D, chunk_size=self.chunk_size, activation="silu", rmsnorm_weight=self.norm.weight,
+            rmsnorm_eps=self.norm.eps, outproj_weight=self.out_proj.weight, outproj_bias=self.out_proj.bias,
+            headdim=self.headdim, ngroups=self.ngroups, norm_before_gate=False)
+
+    def step(self, u: torch.Tensor, state: MambaState | None = None) -> tuple[torch.Tensor, MambaState]:
+        """Continue the sequence: u (b, l, d_model), any l >= 1, after `state` (None: the start) -> (out, new state).
+
+        Feeding a sequence in pieces through `step` gives what `forward` gives on the whole of it.
+        """
+        return self._mix(u, state, self._kernels(u))
