@@ -1,0 +1,239 @@
+"""Evaluation during training (`EvalCallback`) and the run statistics the comparison report reads (`TrainingStats`).
+
+Every `every_n_steps` optimizer steps (and at the end), `EvalCallback` draws `per_class` images of every class with
+the EMA weights and fixed seeds, chunk by chunk exactly as `sample.py` does (so the images do not depend on the number
+of processes): each rank draws its share of the chunks and turns them into features at once, rank 0 gathers the
+features and logs `eval/<metric>`. Everything that can be wrong (weights file, reference, sizes, counts) fails in
+`setup`, before the first training step.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Sequence
+
+import lightning as L
+import torch
+
+from ..sample import chunks, generate_chunk
+from . import classifier as digits
+from .metrics import Evaluator, reference_from_images, reference_from_path, to_uint8
+
+
+class EvalCallback(L.Callback):
+    def __init__(self, every_n_steps: int = 500, per_class: int = 16,
+                 metrics: Sequence[str] = ("fid", "kid", "prc", "class_acc"), feature_extractor: str = "digits",
+                 reference: str = "data", reference_split: str = "train", real_split: str | None = "val",
+                 inception_weights: str | None = None, classifier: str | None = None, cache_dir: str | None = None,
+                 kid_subset_size: int = 100, kid_subsets: int = 100, prc_neighborhood: int = 3, isc_splits: int = 10,
+                 batch_size: int = 64, seed: int = 0, use_ema: bool = True, at_end: bool = True,
+                 sample: dict | None = None):
+        """reference: `data` (the datamodule's `real_images(reference_split)`), an image folder or an `.npz`
+        (ADM reference batch). real_split: with `reference=data`, the split scored as if it were generated, once:
+        the values a perfect generator would reach. sample: generation options (cfg, top_k, ...) over the run's."""
+        if feature_extractor not in ("digits", "inception"):
+            raise ValueError(f"callbacks.eval.feature_extractor: {feature_extractor!r} is not one of ['digits', 'inception']")
+        self.every_n_steps, self.per_class, self.metrics = every_n_steps, per_class, list(metrics)
+        self.feature_extractor, self.reference, self.reference_split = feature_extractor, reference, reference_split
+        self.real_split, self.inception_weights, self.classifier = real_split, inception_weights, classifier
+        self.cache_dir, self.batch_size, self.seed, self.use_ema = cache_dir, batch_size, seed, use_ema
+        self.at_end, self.sample = at_end, {k: v for k, v in (sample or {}).items() if v is not None}
+        self.opts = dict(kid_subset_size=kid_subset_size, kid_subsets=kid_subsets, prc_neighborhood=prc_neighborhood,
+                         isc_splits=isc_splits)
+        self.evaluator: Evaluator | None = None
+        self.last_step = -1
+        self.seconds = 0.0  # time spent evaluating; TrainingStats leaves it out of the training throughput
+
+    # -- before training: every check ---------------------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit" or self.evaluator is not None or not hasattr(pl_module, "generate"):
+            return  # generators only: the tokenizer stage of a run shares the run's callbacks
+        weights = self.inception_weights
+        if self.feature_extractor == "digits":
+            if trainer.is_global_zero:  # trained once, on one rank; the others wait for the file
+                path, info = digits.ensure_classifier(self.classifier)
+                print(f"[scalegen] eval: digits classifier {path} (test accuracy {info.get('test_accuracy', 0):.4f})")
+            trainer.strategy.barrier("scalegen_eval_classifier")
+            weights = self.classifier or digits.default_path()
+        data = trainer.datamodule
+        if self.reference == "data":
+            if not hasattr(data, "real_images"):
+                raise ValueError(f"callbacks.eval.reference=data needs a datamodule with real_images() "
+                                 f"({type(data).__name__} has none): give an image folder or an .npz of statistics")
+            images, _ = data.real_images(self.reference_split)
+            ref = reference_from_images(to_uint8(images.add(1).mul(0.5)), f"{type(data).__name__}-{self.reference_split}",
+                                        f"real {self.reference_split} split ({len(images)} images)")
+        else:
+            from ..build import resolve_path
+            ref = reference_from_path(resolve_path(self.reference))
+        self.evaluator = Evaluator(ref, self.metrics, self.feature_extractor, weights=weights, cache_dir=self.cache_dir,
+                                   device=trainer.strategy.root_device, batch_size=self.batch_size, seed=self.seed,
+                                   **self.opts)
+        num_classes = pl_module.num_classes
+        self.evaluator.check(num_classes * self.per_class, getattr(data, "image_size", None))
+        if trainer.is_global_zero:
+            # computed and cached now: a bad reference file fails before training
+            if any(m in self.metrics for m in ("kid", "prc")):
+                self.evaluator.reference_features()
+            if "fid" in self.metrics:
+                self.evaluator.reference_fid_stats()
+            if self.reference == "data" and self.real_split:
+                self._score_real(trainer, data, num_classes)
+
+    def _score_real(self, trainer, data, num_classes: int) -> None:
+        """The real `real_split` images, `per_class` of each class where there are so many, scored like samples."""
+        images, labels = data.real_images(self.real_split)
+        keep = torch.cat([torch.nonzero(labels == c).flatten()[:self.per_class] for c in range(num_classes)])
+        images, labels = to_uint8(images[keep].add(1).mul(0.5)), labels[keep]
+        try:
+            self.evaluator.check(len(labels))
+        except ValueError as e:  # a small split: the run goes on without its reference point
+            print(f"[scalegen] eval: no reference point from the real {self.real_split} split: {e}")
+            return
+        metrics = self.evaluator.score(self.evaluator.features(images), labels)
+        record = {"split": self.real_split, "images": len(labels), "reference": self.evaluator.reference.description,
+                  "feature_extractor": self.feature_extractor, "metrics": metrics}
+        if self.feature_extractor == "digits":
+            record["classifier_test_accuracy"] = digits.load_classifier(self.evaluator.weights)[1].get("test_accuracy")
+        Path(trainer.default_root_dir).mkdir(parents=True, exist_ok=True)
+        (Path(trainer.default_root_dir) / "eval_reference.json").write_text(json.dumps(record, indent=1))
+        self._log(trainer, {f"eval_real/{k}": v for k, v in metrics.items()}, step=0)
+        print(f"[scalegen] eval: real {self.real_split} images (the values a perfect generator reaches): {_fmt(metrics)}")
+
+    # -- during training ----------------------------------------------------------------------------------------------
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.evaluator is None:
+            return
+        step = trainer.global_step  # the EMA is updated in optimizer_step, so it already holds this step
+        if self.every_n_steps and step % self.every_n_steps == 0 and step != self.last_step:
+            self.evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.evaluator is not None and self.at_end and trainer.global_step != self.last_step:
+            self.evaluate(trainer, pl_module)
+
+    def evaluate(self, trainer: L.Trainer, pl_module) -> dict[str, float] | None:
+        start = time.perf_counter()
+        share = self.draw_share(pl_module, trainer.global_rank, trainer.world_size)
+        shares = [share]
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            shares = [None] * trainer.world_size
+            torch.distributed.all_gather_object(shares, share)  # features only: a few KB per image
+        metrics = None
+        if trainer.is_global_zero:
+            metrics = self.score_shares(shares, pl_module.num_classes)
+            self._log(trainer, {f"eval/{k}": v for k, v in metrics.items()}, step=trainer.global_step)
+            print(f"[scalegen] eval at step {trainer.global_step} ({pl_module.num_classes * self.per_class} images): "
+                  f"{_fmt(metrics)}")
+        self.last_step = trainer.global_step
+        self.seconds += time.perf_counter() - start
+        return metrics
+
+    def labels(self, num_classes: int) -> torch.Tensor:
+        return torch.arange(num_classes).repeat_interleave(self.per_class)
+
+    def draw_share(self, pl_module, rank: int, world: int) -> tuple[dict, torch.Tensor, float]:
+        """Rank `rank`'s chunks (as sample.py cuts them) -> (their features, their image indices, generation seconds)."""
+        labels = self.labels(pl_module.num_classes)
+        mine = chunks(len(labels), self.batch_size, rank, world)
+        rounds = len(chunks(len(labels), self.batch_size, 0, world))  # rank 0 has the most chunks
+        feats, index, seconds = [], [], 0.0
+        from ..distributed import generation_context
+        with generation_context(pl_module):
+            for j in range(rounds):
+                # a rank with fewer chunks draws its last one again, unused: sharded weights need every rank in step
+                a, b = mine[min(j, len(mine) - 1)] if mine else (0, min(self.batch_size, len(labels)))
+                t = time.perf_counter()
+                images = generate_chunk(pl_module, labels[a:b].tolist(), a, self.seed, self.use_ema, **self.sample)
+                seconds += time.perf_counter() - t
+                if j < len(mine):
+                    feats.append(self.evaluator.features(to_uint8(images)))
+                    index.append(torch.arange(a, b))
+        feats = {k: torch.cat([f[k] for f in feats]) for k in feats[0]} if feats else {}
+        return feats, torch.cat(index) if index else torch.zeros(0, dtype=torch.long), seconds
+
+    def score_shares(self, shares: list, num_classes: int) -> dict[str, float]:
+        """Every rank's share, back in index order -> the metrics, and images/s of the slowest rank's drawing."""
+        order = torch.cat([s[1] for s in shares]).argsort()
+        feats = {k: torch.cat([s[0][k] for s in shares if s[0]])[order] for k in next(s[0] for s in shares if s[0])}
+        metrics = self.evaluator.score(feats, self.labels(num_classes))
+        metrics["images_per_s"] = len(order) / max(max(s[2] for s in shares), 1e-9)
+        return metrics
+
+    @staticmethod
+    def _log(trainer, metrics: dict, step: int) -> None:
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+
+    def state_dict(self) -> dict:
+        return {"last_step": self.last_step}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.last_step = state_dict.get("last_step", -1)
+
+
+def _fmt(metrics: dict) -> str:
+    return ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+
+
+class TrainingStats(L.Callback):
+    """Training wall time, throughput (images/s in the training steps, evaluation and validation left out) and the
+    number of trained parameters: logged as `perf/*` and written to `<run>/run_stats.json` at the end. Totals carry
+    over a resume (they are in the checkpoint)."""
+
+    def __init__(self, filename: str = "run_stats.json"):
+        self.filename = filename
+        self.wall_s = self.step_s = 0.0
+        self.images = 0
+        self._fit_start = self._batch_start = None
+        self._eval_at_start = 0.0
+
+    @staticmethod
+    def _eval_seconds(trainer) -> float:
+        return sum(cb.seconds for cb in trainer.callbacks if isinstance(cb, EvalCallback))
+
+    @staticmethod
+    def _sync(trainer) -> None:
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize(trainer.strategy.root_device)
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._fit_start = time.perf_counter()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._sync(trainer)
+        self._batch_start, self._eval_at_start = time.perf_counter(), self._eval_seconds(trainer)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        from lightning.pytorch.utilities.data import extract_batch_size
+        self._sync(trainer)
+        # an evaluation inside this batch's hooks (callback order) is not training time
+        self.step_s += time.perf_counter() - self._batch_start - (self._eval_seconds(trainer) - self._eval_at_start)
+        self.images += extract_batch_size(batch) * trainer.world_size
+
+    def _totals(self) -> dict:
+        wall = self.wall_s + (time.perf_counter() - self._fit_start if self._fit_start else 0.0)
+        return {"train_wall_s": wall, "train_step_s": self.step_s, "train_images": self.images}
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        totals = self._totals()
+        stats = {"params": sum(p.numel() for p in pl_module.parameters() if p.requires_grad),
+                 "params_frozen": sum(p.numel() for n, p in pl_module.named_parameters()
+                                      if not p.requires_grad and not n.startswith("ema.")),
+                 "steps": trainer.global_step, **totals,
+                 "train_images_per_s": totals["train_images"] / max(totals["train_step_s"], 1e-9),
+                 "eval_s": self._eval_seconds(trainer), "world_size": trainer.world_size,
+                 "device": str(trainer.strategy.root_device), "precision": str(trainer.precision)}
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics({"perf/train_images_per_s": stats["train_images_per_s"],
+                                    "perf/train_wall_s": stats["train_wall_s"]}, step=trainer.global_step)
+            (Path(trainer.default_root_dir) / self.filename).write_text(json.dumps(stats, indent=1))
+
+    def state_dict(self) -> dict:
+        totals = self._totals()
+        return {"wall_s": totals["train_wall_s"], "step_s": self.step_s, "images": self.images}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.wall_s, self.step_s, self.images = state_dict["wall_s"], state_dict["step_s"], state_dict["images"]
