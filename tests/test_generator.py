@@ -341,5 +341,5 @@ def test_experiments_found():
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_every_experiment_config_checks(name):
-    cfg = compose_cfg([f"experiment={name}", "data.root=/x"])
+    cfg = compose_cfg([f"experiment={name}", "++data.root=/x"])  # ++: experiment=compare keeps the digits (no root)
     check_generator_config(cfg)

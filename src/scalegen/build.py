@@ -13,8 +13,10 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from .composition import ResidualComposition
+from .compositions_direct import DirectComposition
+from .direct_vq import DirectVQComposition
 
-COMPOSITIONS = {"residual": ResidualComposition}
+COMPOSITIONS = {"residual": ResidualComposition, "direct": DirectComposition, "direct_vq": DirectVQComposition}
 
 
 class ConfigError(ValueError):
@@ -43,20 +45,37 @@ def check_node(node: DictConfig, path: str, derived: Iterable[str] = ()) -> type
 
 
 BACKBONE_DERIVED = ("num_classes", "token_dim", "scales")
-HEAD_DERIVED = ("width", "cond_dim", "vocab_size")
+HEAD_DERIVED = ("width", "cond_dim", "vocab_size", "token_dim", "scales")
 
 
 def check_generator_config(cfg: DictConfig) -> None:
     """Everything that can be known wrong before building: keys, pairings, scale list vs latent size."""
     tok_cls = check_node(cfg.tokenizer, "tokenizer")
-    check_node(cfg.backbone, "backbone", BACKBONE_DERIVED)
+    backbone_cls = check_node(cfg.backbone, "backbone", BACKBONE_DERIVED)
     head_cls = check_node(cfg.head, "head", HEAD_DERIVED)
     comp = cfg.model.composition
     if comp not in COMPOSITIONS:
         raise ConfigError(f"model.composition: {comp!r} is not one of {sorted(COMPOSITIONS)}")
+    why = getattr(COMPOSITIONS[comp], "incompatible", lambda _: None)(tok_cls)
+    if why:
+        raise ConfigError(f"model.composition={comp}: {why}")
+    check_schedule_changes(cfg, backbone_cls, COMPOSITIONS[comp])
     if getattr(head_cls, "needs_discrete", False) and not getattr(tok_cls, "discrete", False):
         raise ConfigError(f"head={head_cls.__name__} predicts code indices, but tokenizer={tok_cls.__name__} is continuous: "
                           "use a VQ tokenizer or a flow head")
+    comp_discrete = getattr(COMPOSITIONS[comp], "discrete", True)
+    if getattr(head_cls, "needs_discrete", False) and not comp_discrete:
+        raise ConfigError(f"model.composition={comp} gives continuous latents, but head={head_cls.__name__} predicts code "
+                          "indices: use model.composition=residual with a VQ tokenizer, or a flow head")
+    if getattr(head_cls, "needs_discrete", None) is False and comp_discrete:
+        raise ConfigError(f"model.composition={comp} gives code indices, but head={head_cls.__name__} regresses continuous "
+                          "latents: use model.composition=direct")
+    if hasattr(head_cls, "check_sampling"):  # e.g. num_steps < 1, named by its key, before any compute
+        for where, node in (("head.", cfg.head), ("sample.", cfg.get("sample") or {})):
+            try:
+                head_cls.check_sampling(*(node.get(k) for k in ("num_steps", "guidance", "time_grid")), prefix=where)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
     if comp == "residual" and not getattr(tok_cls, "residual", False):
         raise ConfigError(f"model.composition=residual needs a residual multi-scale quantizer; {tok_cls.__name__} has none")
     tok_scales = cfg.tokenizer.get("v_patch_nums")
@@ -73,6 +92,22 @@ def check_generator_config(cfg: DictConfig) -> None:
                               f"(data.image_size {cfg.data.image_size} / tokenizer downsampling {down})")
 
 
+def check_schedule_changes(cfg: DictConfig, backbone_cls: type, composition_cls: type) -> None:
+    """Random training schedules (model.train_scales) and another list at generation (sample.scales) need parts
+    that can change their schedule (scalegen.anyscale); VAR's residual tokens and per-token positions cannot."""
+    from .anyscale import fixed_parts
+    from .scales import ScaleSchedule
+    train_scales = cfg.model.get("train_scales")
+    if train_scales is not None:
+        check_node(train_scales, "model.train_scales")
+    sample_scales = (cfg.get("sample") or {}).get("scales")
+    changes = sample_scales is not None and ScaleSchedule.of(sample_scales) != ScaleSchedule.of(cfg.scales)
+    for key, asked in (("model.train_scales", train_scales is not None), ("sample.scales", changes)):
+        fixed = fixed_parts(backbone_cls, composition_cls) if asked else []
+        if fixed:
+            raise ConfigError(f"{key}: this model runs only on the scales it was built with (scales); " + "; ".join(fixed))
+
+
 def build_tokenizer(cfg: DictConfig, checkpoint: str | None = None):
     tokenizer = instantiate(cfg.tokenizer, _convert_="all")
     if checkpoint:
@@ -86,7 +121,10 @@ def build_generator(cfg: DictConfig, tokenizer, num_classes: int):
     composition = COMPOSITIONS[cfg.model.composition](tokenizer, list(cfg.scales))
     backbone = instantiate(cfg.backbone, num_classes=num_classes, token_dim=composition.token_dim,
                            scales=composition.scales.sizes, _convert_="all")
-    head = instantiate(cfg.head, width=backbone.width, cond_dim=backbone.width, vocab_size=composition.vocab_size, _convert_="all")
+    head_params = inspect.signature(get_class(cfg.head._target_)).parameters
+    extra = {k: v for k, v in (("token_dim", composition.token_dim), ("scales", composition.scales.sizes)) if k in head_params}
+    head = instantiate(cfg.head, width=backbone.width, cond_dim=backbone.width, vocab_size=composition.vocab_size,
+                       **extra, _convert_="all")
     generator = Generator(backbone, head)
     init = cfg.model.get("init")
     if init:
@@ -106,7 +144,9 @@ def build_module(cfg: DictConfig, num_classes: int, tokenizer_ckpt: str | None =
         weight_decay=opt.weight_decay, weight_decay_end=opt.get("weight_decay_end"), warmup_steps=opt.warmup,
         lr_schedule=opt.schedule, wp0=opt.wp0, wpe=opt.wpe, ema_decay=cfg.model.ema_decay,
         cond_drop_rate=cfg.model.cond_drop_rate, sample=OmegaConf.to_container(cfg.sample, resolve=True),
-        config=run_config(cfg))
+        config=run_config(cfg), max_nonfinite=cfg.get("max_nonfinite", 5),
+        train_scales=instantiate(cfg.model.train_scales) if cfg.model.get("train_scales") is not None else None,
+        activation_checkpointing=cfg.get("activation_checkpointing", False))
 
 
 def run_config(cfg: DictConfig) -> dict[str, Any]:

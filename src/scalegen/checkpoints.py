@@ -54,10 +54,10 @@ def load_tokenizer_weights(tokenizer: torch.nn.Module, path) -> None:
     path = str(path)
     if not Path(path).exists():
         raise FileNotFoundError(f"tokenizer checkpoint not found: {path}")
-    if path.endswith(".ckpt"):
-        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    ckpt = torch.load(path, map_location="cpu", weights_only=True) if path.endswith(".ckpt") else None
+    if ckpt is not None and "state_dict" in ckpt:  # a scalegen training checkpoint (MAR's kl16.ckpt is {"model": ...})
         prefix = "tokenizer."
-        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     else:
         state = read_checkpoint(path)
     if any(k.startswith("quantize.quant_resi") or k == "quantize.ema_vocab_hit_SV" for k in state):  # VAR's release layout

@@ -14,6 +14,7 @@ import lightning as L
 import torch
 import torchvision.utils as vutils
 
+from .anyscale import using_scales
 from .optim import apply_schedule, param_groups
 from .sampling import generate, random_labels
 
@@ -23,7 +24,8 @@ class GeneratorModule(L.LightningModule):
                  batch_size: int = 256, betas: Sequence[float] = (0.9, 0.95), weight_decay: float = 0.05,
                  weight_decay_end: float | None = None, warmup_steps: int | float = 0.02, lr_schedule: str = "lin0",
                  wp0: float = 0.005, wpe: float = 0.01, ema_decay: float | None = 0.9999, cond_drop_rate: float = 0.1,
-                 max_nonfinite: int = 5, sample: dict | None = None, config: dict | None = None):
+                 max_nonfinite: int = 5, sample: dict | None = None, config: dict | None = None,
+                 activation_checkpointing: bool = False, train_scales=None):
         super().__init__()
         self.tokenizer = tokenizer.eval().requires_grad_(False)
         self.generator, self.composition = generator, composition
@@ -37,6 +39,8 @@ class GeneratorModule(L.LightningModule):
         self.config = config  # the resolved run config, stored in every checkpoint so sample.py can rebuild the model
         self.nonfinite_in_row = 0
         self.nonfinite_total = 0
+        self.activation_checkpointing = activation_checkpointing  # applied in configure_model (scalegen.distributed)
+        self.train_scales = train_scales  # None, or a callable giving each training step's schedule (FlexVAR's)
 
     @property
     def num_classes(self) -> int:
@@ -48,16 +52,26 @@ class GeneratorModule(L.LightningModule):
         return self
 
     # -- data -> targets -------------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Activation checkpointing, and FSDP2 sharding per transformer block under trainer=fsdp."""
+        from .distributed import configure_generator
+        configure_generator(self)
+
     @torch.no_grad()
-    def prepare(self, images: torch.Tensor):
+    def prepare(self, images: torch.Tensor | None, latent: torch.Tensor | None = None):
         with torch.autocast(self.device.type, enabled=False):  # the tokenizer stays in fp32, as in the official code
-            targets = self.composition.targets(self.tokenizer.encode(images.float()))
+            latent = self.tokenizer.encode(images.float()) if latent is None else latent
+            targets = self.composition.targets(latent.float())
             inputs = self.composition.teacher_inputs(targets)
         return targets, inputs
 
     def _loss(self, batch, drop_labels: bool):
-        images, labels = batch
-        targets, inputs = self.prepare(images)
+        if isinstance(batch, dict):  # cached latents (scalegen.data.latents): no image, no tokenizer.encode
+            from .data.latents import batch_latent
+            labels, targets, inputs = batch["labels"], *self.prepare(None, batch_latent(self.tokenizer, batch))
+        else:
+            images, labels = batch
+            targets, inputs = self.prepare(images)
         if drop_labels and self.cond_drop_rate > 0:  # classifier-free guidance: some labels become the null class
             drop = torch.rand(labels.shape[0], device=labels.device) < self.cond_drop_rate
             labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
@@ -65,8 +79,11 @@ class GeneratorModule(L.LightningModule):
         return self.generator.head.training_loss(hidden, cond, targets, self.composition.scales)
 
     def training_step(self, batch, batch_idx):
-        loss, per_scale = self._loss(batch, drop_labels=True)
-        if not torch.isfinite(loss):
+        with using_scales(self.train_scales() if self.train_scales else None, self.generator.backbone, self.composition,
+                          key="model.train_scales"):
+            loss, per_scale = self._loss(batch, drop_labels=True)
+        # every rank skips together (one rank's NaN must not leave the others waiting in the gradient all-reduce)
+        if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
             return self._skip_nonfinite(loss)
         self.nonfinite_in_row = 0
         self.log("train/loss", loss, prog_bar=True)
@@ -99,11 +116,13 @@ class GeneratorModule(L.LightningModule):
                 self.log(f"{split}_scale/{name}_s{si}", v[name], **kw)
 
     def on_validation_epoch_end(self):
-        if self.trainer.sanity_checking or not self.trainer.is_global_zero:
-            return
+        from .distributed import generation_context, is_sharded
+        if self.trainer.sanity_checking or not (self.trainer.is_global_zero or is_sharded(self)):
+            return  # sharded weights: every rank takes part in generating, rank 0 writes
         out = Path(self.trainer.default_root_dir) / "samples"
         out.mkdir(parents=True, exist_ok=True)
-        self.save_class_grid(out / f"step{self.global_step:06d}.png")
+        with generation_context(self):
+            self.save_class_grid(out / f"step{self.global_step:06d}.png" if self.trainer.is_global_zero else None)
 
     # -- optimisation ------------------------------------------------------------------------------------------------
     @property
@@ -127,10 +146,13 @@ class GeneratorModule(L.LightningModule):
         apply_schedule(self.optimizers(), self.global_step, total, self.peak_lr, int(warmup), self.lr_schedule,
                        self.weight_decay, self.weight_decay_end, self.wp0, self.wpe)
 
-    def on_train_batch_end(self, outputs, batch, batch_idx):
+    def optimizer_step(self, *args, **kwargs):
+        super().optimizer_step(*args, **kwargs)
+        self._update_ema(self.global_step + 1)  # here, not in on_train_batch_end: the step's checkpoint holds it
+
+    def _update_ema(self, step: int) -> None:
         if self.ema is None:
             return
-        step = self.global_step
         decay = min(self.ema_decay, (1 + step) / (10 + step))  # short warm-up so early EMA is not the random init
         with torch.no_grad():
             for e, p in zip(self.ema.parameters(), self.generator.parameters()):
@@ -139,9 +161,11 @@ class GeneratorModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["scalegen_config"] = self.config
         checkpoint["nonfinite_total"] = self.nonfinite_total
+        checkpoint["nonfinite_in_row"] = self.nonfinite_in_row
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.nonfinite_total = checkpoint.get("nonfinite_total", 0)
+        self.nonfinite_in_row = checkpoint.get("nonfinite_in_row", 0)
 
     # -- generation --------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -158,6 +182,8 @@ class GeneratorModule(L.LightningModule):
         generator = torch.Generator(device=self.device).manual_seed(seed)
         if labels is None:
             labels = random_labels(batch or 1, self.num_classes, generator, self.device)
+        elif isinstance(labels, int):  # one class for the batch; < 0: the null class (FlexVAR's int label_B, fixed)
+            labels = [self.num_classes if labels < 0 else labels] * (batch or 1)
         labels = torch.as_tensor(labels, device=self.device).long()
         model = self.ema if (use_ema and self.ema is not None) else self.generator
         was_training = model.training
@@ -168,10 +194,12 @@ class GeneratorModule(L.LightningModule):
             model.train(was_training)
         return self.composition.decode(latent).add(1).mul(0.5)
 
-    def save_class_grid(self, path: Path, per_class: int | None = None) -> Path:
-        """One row per class, `per_class` samples each, fixed seed: the picture validation logs."""
+    def save_class_grid(self, path: Path | None, per_class: int | None = None) -> Path | None:
+        """One row per class, `per_class` samples each, fixed seed: the picture validation logs (path None: generate
+        only, as the non-zero ranks of a sharded model do)."""
         n = per_class or self.sample_cfg["per_class"]
         labels = torch.arange(self.num_classes).repeat_interleave(n)
         images = self.generate(labels)
-        vutils.save_image(images, path, nrow=n, padding=1, pad_value=1.0)
+        if path is not None:
+            vutils.save_image(images, path, nrow=n, padding=1, pad_value=1.0)
         return path

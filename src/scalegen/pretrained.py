@@ -15,7 +15,9 @@ def load_generator(path: str, vae_path: str | None = None, device: str | torch.d
     """A `GeneratorModule` in eval mode.
 
     `path` is a scalegen training checkpoint (`.ckpt`, which carries its config and tokenizer) or an official VAR
-    release (`var_d16.pth`; then `vae_path` names the official `vae_ch160v4096z32.pth`).
+    release (`var_d16.pth`; then `vae_path` names the official `vae_ch160v4096z32.pth`); M-VAR releases (`d16.pth`
+    of OliverRen/M-VAR, which use the same tokenizer) and their conversions are recognised by their keys, as are
+    FlexVAR's (`FlexVARd16-epo179.pth` with `vae_path` = `FlexVAE.pth`).
     """
     from .build import build_generator, build_tokenizer
     from .module import GeneratorModule
@@ -32,6 +34,12 @@ def load_generator(path: str, vae_path: str | None = None, device: str | torch.d
         module = GeneratorModule(tokenizer, generator, composition, ema_decay=cfg.model.ema_decay,
                                  sample=OmegaConf.to_container(cfg.sample), config=ckpt["scalegen_config"])
         load_strict(module, state, f"checkpoint {path}")
+    elif _is_flexvar(str(path)):  # FlexVAR release or conversion: FlexVAE tokenizer, official sampling defaults
+        from .official.flexvar import load_module
+        module = load_module(str(path), None if vae_path is None else str(vae_path))
+    elif (flowar := _load_official_flowar(str(path), vae_path)) is not None:  # FlowAR-{S,L,H}.pth + kl16.ckpt
+        tokenizer, generator, composition, sample = flowar  # sampling defaults: the release's README settings
+        module = GeneratorModule(tokenizer, generator, composition, ema_decay=None, sample=sample)
     else:
         if vae_path is None:
             raise ValueError(f"{path} is an official VAR release (or its conversion): also give the tokenizer, "
@@ -42,18 +50,36 @@ def load_generator(path: str, vae_path: str | None = None, device: str | torch.d
     return module.to(device).eval()
 
 
+def _load_official_flowar(path: str, vae_path):
+    """(tokenizer, generator, composition, sampling defaults) of an official FlowAR release; None for other files."""
+    from .official.flowar import load_flowar_release
+    return load_flowar_release(path, None if vae_path is None else str(vae_path))
+
+
+def _is_flexvar(path: str) -> bool:
+    from .official.flexvar import is_flexvar_file
+    return is_flexvar_file(path)
+
+
 def _load_official_var(path: str):
     from .official.var import build_var, load_var
     if path.endswith(".safetensors"):  # written by scalegen.official.convert: scalegen names + config metadata
         from safetensors.torch import load_file
         from .official.convert import read_meta
         meta = read_meta(path)
-        if meta.get("kind") != "var":
-            raise ValueError(f"{path}: not a converted VAR checkpoint (metadata kind {meta.get('kind')!r})")
-        generator = build_var(meta["config"])
+        if meta.get("kind") not in ("var", "mvar"):
+            raise ValueError(f"{path}: not a converted VAR or M-VAR checkpoint (metadata kind {meta.get('kind')!r})")
+        build = build_var
+        if meta["kind"] == "mvar":
+            from .official.mvar import build_mvar as build
+        generator = build(meta["config"])
         load_strict(generator, load_file(path), f"checkpoint {path}")
         return generator
-    return load_var(read_checkpoint(path))
+    state = read_checkpoint(path)
+    if "blocks.0.mamba.A_log" in state:  # an M-VAR release (OliverRen/M-VAR): VAR's keys plus a Mamba2 per block
+        from .official.mvar import load_mvar
+        return load_mvar(state)
+    return load_var(state)
 
 
 def _load_official_vae(path: str, scales):

@@ -21,9 +21,9 @@ def output_dir(cfg: DictConfig) -> Path:
         out = Path(HydraConfig.get().runtime.output_dir)
     except ValueError:  # called outside Hydra (tests): use the configured folder
         out = Path(cfg.get("output_dir", "outputs/run"))
-    out.mkdir(parents=True, exist_ok=True)
     probe = out / ".write_test"
     try:  # fail now, not after an hour of training, if checkpoints can't be written
+        out.mkdir(parents=True, exist_ok=True)
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
@@ -35,8 +35,10 @@ def make_trainer(cfg_trainer: DictConfig, out: Path, cfg: DictConfig, **override
     if "logger" not in overrides:
         overrides["logger"] = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None] or False
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    return instantiate(cfg_trainer, default_root_dir=str(out), callbacks=callbacks, plugins=[AtomicCheckpointIO()],
-                       **overrides)
+    from .slurm import cluster_plugins_and_callbacks  # under submitit: one agreed pre-timeout signal (ECOSYSTEM.md)
+    plugins, more_callbacks = cluster_plugins_and_callbacks()
+    return instantiate(cfg_trainer, default_root_dir=str(out), callbacks=callbacks + more_callbacks,
+                       plugins=[AtomicCheckpointIO(), *plugins], **overrides)
 
 
 def train_tokenizer(cfg: DictConfig, data, out: Path) -> Path:
@@ -79,14 +81,19 @@ def train(cfg: DictConfig) -> None:
     OmegaConf.save(cfg, out / "config.yaml", resolve=True)
 
     tok_ckpt = resolve_path(cfg.tokenizer_ckpt)
+    if hasattr(data, "tokenizer_for_run"):  # cached latents: the tokenizer (config and weights) they were made with
+        tok_ckpt = data.tokenizer_for_run(OmegaConf.to_container(cfg.tokenizer, resolve=True), tok_ckpt)
     if cfg.task == "tokenizer" or tok_ckpt is None:
         tok_ckpt = str(train_tokenizer(cfg, data, out))
     if cfg.task == "tokenizer":
         return
 
+    from .tokenizers.latent_stats import resolve_scale_factor
+    resolve_scale_factor(cfg, data, tok_ckpt, out)  # tokenizer.scale_factor: null -> 1/std measured on the training data
     module = build_module(cfg, data.num_classes, tok_ckpt)
     trainer = make_trainer(cfg.trainer, out, cfg)
-    last = out / "checkpoints" / "last.ckpt"
+    from .distributed import generation_context, is_sharded, recover
+    last = recover(out / "checkpoints" / "last.ckpt")  # a kill between the renames of a sharded save
     resume_from = str(last) if cfg.resume and last.exists() else None
     if resume_from:
         print(f"[scalegen] resuming from {resume_from}")
@@ -94,7 +101,10 @@ def train(cfg: DictConfig) -> None:
         if metrics.exists():  # Lightning's CSVLogger deletes it when it starts: keep the history of earlier attempts
             metrics.rename(out / f"metrics.attempt{len(list(out.glob('metrics.attempt*.csv')))}.csv")
     trainer.fit(module, datamodule=data, ckpt_path=resume_from)
+    (out / "samples").mkdir(exist_ok=True)  # a run shorter than val_check_interval has not made it yet
+    if trainer.is_global_zero or is_sharded(module):  # sharded weights: every rank generates, rank 0 writes
+        with generation_context(module):
+            grid = module.save_class_grid(out / "samples" / "final.png" if trainer.is_global_zero else None)
     if trainer.is_global_zero:
-        grid = module.save_class_grid(out / "samples" / "final.png")
         print(f"[scalegen] samples: {grid}\n[scalegen] checkpoints: {out / 'checkpoints'}\n"
               f"[scalegen] metrics: {out / 'metrics.csv'}")

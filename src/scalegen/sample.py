@@ -1,47 +1,202 @@
-"""What `sample.py` does: draw images for a list of labels in batches and write them out."""
+"""What `sample.py` does: draw images for a list of labels and write PNGs, a grid and the ADM evaluator's `.npz`.
+
+At scale (50,000 ImageNet images): the images are cut, in index order, into chunks of `batch_size`; chunk k is
+seeded from (seed, its first index), so image i is the same whatever the number of processes; process r of n takes
+chunks r, r+n, ...; a chunk whose PNGs are all on disk is skipped, so an interrupted run resumes where it stopped;
+the process that finds every PNG written packs the `.npz`.
+"""
 from __future__ import annotations
 
+import json
+import os
+import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
 import torchvision.utils as vutils
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from .build import resolve_path
 from .pretrained import load_generator
 
+# config keys handed to `GeneratorModule.generate` (None: the checkpoint's own default)
+SAMPLER_KEYS = ("cfg", "cfg_schedule", "top_k", "top_p", "more_smooth",
+                "scales", "cfg_mix", "ratio_steps", "max_side", "trained_sides",  # any-step / FlexVAR's rules
+                "num_steps", "guidance")  # the flow head's (FlowAR)
+GRID_CLASSES, GRID_PER_CLASS = 10, 8  # the grid shows the first images of the first classes, not all 50,000
+
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """(B,3,H,W) in [0,1] -> (B,H,W,3) uint8, rounded as the ADM reference batches are."""
-    return images.mul(255).add_(0.5).clamp_(0, 255).permute(0, 2, 3, 1).to(torch.uint8).cpu().numpy()
+    from .eval.metrics import to_uint8 as to_uint8_nchw
+    return to_uint8_nchw(images).permute(0, 2, 3, 1).cpu().numpy()
+
+
+# -- the plan: which image is drawn with which seed, by which process --------------------------------------------------
+def chunk_seed(seed: int, start: int) -> int:
+    """The seed of the chunk that begins at image `start`."""
+    return seed * 1_000_003 + start
+
+
+def chunks(n: int, batch_size: int, shard: int = 0, num_shards: int = 1) -> list[tuple[int, int]]:
+    """(start, stop) of the chunks process `shard` of `num_shards` draws, round robin over the index order."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not 0 <= shard < num_shards:
+        raise ValueError(f"shard {shard} is outside 0..{num_shards - 1} (num_shards={num_shards})")
+    return [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)][shard::num_shards]
+
+
+def shard_from_env(shard: int | None = None, num_shards: int | None = None) -> tuple[int, int]:
+    """The config's shard/num_shards, else torchrun's RANK/WORLD_SIZE, else SLURM's PROCID/NTASKS, else (0, 1)."""
+    if num_shards is None:
+        for rank, world in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+            if os.environ.get(world):
+                shard, num_shards = int(os.environ.get(rank, 0)) if shard is None else shard, int(os.environ[world])
+                break
+        else:
+            num_shards = 1
+    shard = 0 if shard is None else shard
+    chunks(0, 1, shard, num_shards)  # validates
+    return shard, num_shards
+
+
+def generate_chunk(module, labels: Sequence[int], start: int, seed: int, use_ema: bool = True, **options) -> torch.Tensor:
+    """The images (B,3,H,W) in [0,1] of the chunk beginning at image `start`."""
+    return module.generate(list(labels), seed=chunk_seed(seed, start), use_ema=use_ema, **options)
+
+
+# -- the command -------------------------------------------------------------------------------------------------------
+def image_name(index: int, label: int) -> str:
+    return f"{index:06d}_class{label}.png"
+
+
+def sampling_labels(cfg: DictConfig, num_classes: int) -> list[int]:
+    """`labels`, else `per_class` images of every class (null: 50 for ImageNet-1k, the ADM evaluator's 50,000; 4 else)."""
+    if cfg.labels is not None:
+        labels = [int(l) for l in cfg.labels]
+    else:
+        per_class = cfg.per_class if cfg.per_class is not None else (50 if num_classes >= 1000 else 4)
+        labels = [c for c in range(num_classes) for _ in range(per_class)]
+    bad = [l for l in labels if not 0 <= l < num_classes]
+    if bad:
+        raise ValueError(f"labels {bad[:10]} are outside 0..{num_classes - 1}")
+    return labels
+
+
+def sampling_options(cfg: DictConfig) -> dict:
+    return {k: cfg[k] for k in SAMPLER_KEYS if cfg.get(k) is not None}
+
+
+def pick_device(device: str) -> str:
+    """`cuda` under several local processes means each its own GPU (LOCAL_RANK)."""
+    if device in ("cuda", "auto"):
+        if not torch.cuda.is_available():
+            if device == "cuda":
+                raise RuntimeError("device=cuda but no GPU is visible; use device=cpu")
+            return "cpu"
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
+    return device
+
+
+def check_manifest(out: Path, manifest: dict) -> None:
+    """The settings that decide every image; a resumed run with other settings would mix two sets of images."""
+    path = out / "sampling.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        diff = {k: (old.get(k), v) for k, v in manifest.items() if old.get(k) != v}
+        if diff:
+            lines = "; ".join(f"{k}: {a!r} on disk, {b!r} now" for k, (a, b) in diff.items())
+            raise ValueError(f"{out} holds images drawn with other settings ({lines}): use another out_dir, or the "
+                             "same settings to resume")
+    else:
+        from .checkpoints import atomic_write
+        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
+
+
+def write_png(array: np.ndarray, path: Path) -> None:
+    from .checkpoints import atomic_write  # a kill mid-write leaves no truncated PNG that a resume would trust
+    atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+
+
+def pack(out: Path, labels: Sequence[int], per_row: int) -> Path:
+    """samples.npz (arr_0: uint8 NHWC in index order, labels) and grid.png from the PNGs."""
+    from .checkpoints import atomic_write
+    first = np.asarray(Image.open(out / "images" / image_name(0, labels[0])).convert("RGB"))
+    arr = np.empty((len(labels), *first.shape), dtype=np.uint8)  # filled in place: 50k 256px images are 9.8 GB
+    for i, label in enumerate(labels):
+        arr[i] = np.asarray(Image.open(out / "images" / image_name(i, label)).convert("RGB"))
+    labels_arr = np.asarray(labels)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, arr_0=arr, labels=labels_arr)
+
+    atomic_write(out / "samples.npz", write)
+    classes, count, shown = set(sorted(set(labels))[:GRID_CLASSES]), {}, []
+    for i, label in enumerate(labels):
+        count[label] = count.get(label, 0) + 1
+        if label in classes and count[label] <= GRID_PER_CLASS:
+            shown.append(i)
+    grid = torch.from_numpy(arr[shown]).permute(0, 3, 1, 2).float() / 255
+    vutils.save_image(grid, out / "grid.png", nrow=min(per_row, GRID_PER_CLASS), padding=1, pad_value=1.0)
+    return out / "samples.npz"
 
 
 def sample_to_folder(cfg: DictConfig) -> Path:
-    module = load_generator(resolve_path(cfg.ckpt), resolve_path(cfg.vae_ckpt), cfg.device)
-    labels = list(cfg.labels) if cfg.labels is not None else \
-        [c for c in range(module.num_classes) for _ in range(cfg.per_class)]
-    bad = [l for l in labels if not 0 <= l < module.num_classes]
-    if bad:
-        raise ValueError(f"labels {bad} are outside 0..{module.num_classes - 1}")
+    shard, num_shards = shard_from_env(cfg.get("shard"), cfg.get("num_shards"))
+    if num_shards > 1 and OmegaConf.is_interpolation(cfg, "out_dir"):
+        raise ValueError("several processes share one folder: give out_dir=... (the default folder is named by "
+                         "each process's own start time)")
+    module = load_generator(resolve_path(cfg.ckpt), resolve_path(cfg.vae_ckpt), pick_device(cfg.device))
+    labels = sampling_labels(cfg, module.num_classes)
+    opts = sampling_options(cfg)
+    from .editing import sample_options
+    extra = sample_options(cfg, module, opts)  # `scales` checked before any drawing; image-to-image (`edit`)
     out = Path(cfg.out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    opts = {k: cfg[k] for k in ("cfg", "cfg_schedule", "top_k", "top_p", "more_smooth") if cfg[k] is not None}
-    chunks = []
-    for start in range(0, len(labels), cfg.batch_size):
-        batch = labels[start:start + cfg.batch_size]
-        # seeded per batch from (seed, first index): a batch's images do not depend on the batches before it
-        images = module.generate(batch, seed=cfg.seed * 1_000_003 + start, use_ema=cfg.use_ema, **opts)
-        arr = to_uint8(images)
-        if cfg.save_png:
-            for i, (img, label) in enumerate(zip(arr, batch)):
-                Image.fromarray(img).save(out / "images" / f"{start + i:06d}_class{label}.png")
-        chunks.append(arr)
-        print(f"[scalegen] {start + len(batch)}/{len(labels)} images")
-    arr = np.concatenate(chunks)
-    np.savez(out / "samples.npz", arr_0=arr, labels=np.asarray(labels))
-    nrow = cfg.per_class if cfg.labels is None else min(len(labels), 10)
-    vutils.save_image(torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255, out / "grid.png", nrow=nrow, padding=1, pad_value=1.0)
-    print(f"[scalegen] wrote {len(arr)} images, {out / 'grid.png'} and {out / 'samples.npz'}")
+    check_manifest(out, {"ckpt": str(resolve_path(cfg.ckpt)), "vae_ckpt": resolve_path(cfg.vae_ckpt),
+                         "num_images": len(labels), "labels_sha": _digest(labels), "seed": cfg.seed,
+                         "batch_size": cfg.batch_size, "use_ema": cfg.use_ema,
+                         "options": OmegaConf.to_container(OmegaConf.create(opts), resolve=True),
+                         "edit": OmegaConf.to_container(cfg.edit, resolve=True) if cfg.get("edit") else None})
+    opts.update(extra)
+
+    mine = chunks(len(labels), cfg.batch_size, shard, num_shards)
+    todo = [(a, b) for a, b in mine if not all((out / "images" / image_name(i, labels[i])).exists() for i in range(a, b))]
+    skipped = sum(b - a for a, b in mine) - sum(b - a for a, b in todo)
+    tag = f"shard {shard}/{num_shards}: " if num_shards > 1 else ""
+    if skipped:
+        print(f"[scalegen] {tag}{skipped} images already on disk, {sum(b - a for a, b in todo)} to draw")
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+    start_time, drawn = time.perf_counter(), 0
+    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                  TimeRemainingColumn()) as progress:
+        task = progress.add_task(f"{tag}sampling", total=sum(b - a for a, b in todo))
+        for a, b in todo:
+            images = to_uint8(generate_chunk(module, labels[a:b], a, cfg.seed, cfg.use_ema, **opts))
+            for i, img in zip(range(a, b), images):
+                path = out / "images" / image_name(i, labels[i])
+                if not path.exists():
+                    write_png(img, path)
+            drawn += b - a
+            progress.advance(task, b - a)
+    if drawn:
+        seconds = time.perf_counter() - start_time
+        print(f"[scalegen] {tag}drew {drawn} images in {seconds:.1f} s ({drawn / seconds:.2f} images/s)")
+    missing = sum(not (out / "images" / image_name(i, l)).exists() for i, l in enumerate(labels))
+    if missing:  # other shards still drawing: the last one to finish packs
+        print(f"[scalegen] {tag}done; {missing} images of other shards are not on disk yet, the last shard packs")
+        return out
+    per_row = len(labels) // len(set(labels)) if cfg.labels is None else 10
+    pack(out, labels, per_row)
+    print(f"[scalegen] wrote {len(labels)} images, {out / 'grid.png'} and {out / 'samples.npz'}")
     return out
+
+
+def _digest(values) -> str:
+    import hashlib
+    return hashlib.sha1(json.dumps(list(values)).encode()).hexdigest()[:16]

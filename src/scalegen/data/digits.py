@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from ..resume import ResumableData, seeded_rng
+
 
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Sorted (train, val) indices, holding out round(val_fraction * n_c) of every class c."""
@@ -43,17 +45,18 @@ class AugmentedTensorImages(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         image = self.images[i]
-        if self.hflip and torch.rand(()) < 0.5:
-            image = image.flip(-1)
-        if self.shift > 0:
-            s, (h, w) = self.shift, image.shape[-2:]
-            dy, dx = torch.randint(0, 2 * s + 1, (2,)).tolist()
-            # pad with -1, the digits' background, so a shift never wraps strokes around the border
-            image = F.pad(image, (s, s, s, s), value=-1.0)[:, dy : dy + h, dx : dx + w]
-        return image, self.labels[i]
+        with seeded_rng(i):  # the sample's own seed under a ResumableSampler: same draws after a resume
+            if self.hflip and torch.rand(()) < 0.5:
+                image = image.flip(-1)
+            if self.shift > 0:
+                s, (h, w) = self.shift, image.shape[-2:]
+                dy, dx = torch.randint(0, 2 * s + 1, (2,)).tolist()
+                # pad with -1, the digits' background, so a shift never wraps strokes around the border
+                image = F.pad(image, (s, s, s, s), value=-1.0)[:, dy : dy + h, dx : dx + w]
+        return image, self.labels[int(i)]
 
 
-class DigitsDataModule(L.LightningDataModule):
+class DigitsDataModule(ResumableData, L.LightningDataModule):
     """scikit-learn `load_digits()` as (B, C, H, W) float32 images in [-1, 1] and int64 labels."""
 
     num_classes = 10
@@ -106,12 +109,14 @@ class DigitsDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         images, labels = self.real_images("train")
         dataset = AugmentedTensorImages(images, labels, hflip=self.hflip, shift=self.augment_shift)
+        drop_last = len(dataset) > self.batch_size  # never drop the only batch of a tiny train set
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=True,
-            generator=torch.Generator().manual_seed(self.split_seed),
-            drop_last=len(dataset) > self.batch_size,  # never drop the only batch of a tiny train set
+            # order fixed by (seed, epoch), position and augmentations restored on resume (scalegen.resume)
+            sampler=self.train_sampler(dataset, self.split_seed, self.batch_size),
+            generator=torch.Generator().manual_seed(self.split_seed),  # worker seeds never draw from the global RNG
+            drop_last=drop_last,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )

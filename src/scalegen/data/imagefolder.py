@@ -21,6 +21,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
+from ..resume import ResumableData, seeded_rng
 from .digits import stratified_split
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -55,14 +56,15 @@ class ImageFiles(Dataset):
         return len(self.samples)
 
     def __getitem__(self, i: int):
-        path, label = self.samples[i]
+        path, label = self.samples[int(i)]
         try:
             with Image.open(path) as image:
                 image = image.convert("RGB")  # forces the full decode inside the try
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
             # OSError covers UnidentifiedImageError and "image file is truncated"
             return Unreadable(path, f"{type(error).__name__}: {error}")
-        return self.transform(image), label
+        with seeded_rng(i):  # the sample's own seed under a ResumableSampler: the same flips after a resume
+            return self.transform(image), label
 
 
 def collate_skipping(batch: list) -> tuple[torch.Tensor, torch.Tensor, list[Unreadable]]:
@@ -121,7 +123,7 @@ def list_images(directory: Path, class_to_idx: dict[str, int], extensions: tuple
     return samples
 
 
-class ImageFolderDataModule(L.LightningDataModule):
+class ImageFolderDataModule(ResumableData, L.LightningDataModule):
     """ImageNet-layout folders as (B, 3, H, W) float32 images in [-1, 1] and int64 labels."""
 
     def __init__(
@@ -193,11 +195,14 @@ class ImageFolderDataModule(L.LightningDataModule):
                 warnings.warn(f"skipping unreadable image {sample.path} ({sample.error})", stacklevel=2)
 
     def _loader(self, samples: list, train: bool) -> SkippingDataLoader:
+        dataset = ImageFiles(samples, self.transform(train))
         return SkippingDataLoader(
-            ImageFiles(samples, self.transform(train)),
+            dataset,
             on_skipped=self._count_skipped,
             batch_size=self.batch_size,
-            shuffle=train,
+            # train: order fixed by (seed, epoch), position and flips restored on resume (scalegen.resume)
+            sampler=self.train_sampler(dataset, self.split_seed, self.batch_size) if train else None,
+            generator=torch.Generator().manual_seed(self.split_seed),  # worker seeds never draw from the global RNG
             drop_last=train and len(samples) > self.batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

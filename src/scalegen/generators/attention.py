@@ -12,12 +12,28 @@ from functools import partial
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp
+from timm.layers import DropPath, Mlp, SwiGLU
+
+from .rope import apply_rope
 
 
 def modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """AdaLN modulation x * (1 + scale) + shift, the one place every block and head uses it."""
     return x.mul(scale.add(1)).add_(shift)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x), computed in fp32 and cast back (FlowAR's RMSNorm); an optional learnt gain."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, weight: bool = False):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if weight else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        out = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+        return out if self.weight is None else out * self.weight
 
 
 def ada_linear(cond_dim: int, out_dim: int) -> nn.Sequential:
@@ -26,15 +42,19 @@ def ada_linear(cond_dim: int, out_dim: int) -> nn.Sequential:
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0, attn_l2_norm: bool = True):
+    def __init__(self, dim: int, num_heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0, attn_l2_norm: bool = True,
+                 qkv_bias: str = "qv", scale: float | None = None):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"width {dim} is not divisible by num_heads {num_heads}")
+        if qkv_bias not in ("qv", "all"):
+            raise ValueError(f"qkv_bias={qkv_bias!r}: allowed values are 'qv' (VAR) and 'all' (FlowAR)")
         self.num_heads, self.head_dim, self.attn_l2_norm = num_heads, dim // num_heads, attn_l2_norm
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        # q and v carry a learnt bias, k none (a k bias cancels in softmax)
-        self.q_bias, self.v_bias = nn.Parameter(torch.zeros(dim)), nn.Parameter(torch.zeros(dim))
-        self.register_buffer("zero_k_bias", torch.zeros(dim), persistent=False)
+        # 'all': one fused bias over q, k and v (timm/FlowAR); 'qv': VAR's learnt q and v biases, none on k
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias == "all")
+        if qkv_bias == "qv":  # a k bias cancels in softmax
+            self.q_bias, self.v_bias = nn.Parameter(torch.zeros(dim)), nn.Parameter(torch.zeros(dim))
+            self.register_buffer("zero_k_bias", torch.zeros(dim), persistent=False)
         if attn_l2_norm:
             # cosine attention with a learnt per-head temperature, kept in log space and capped at 100
             self.scale = 1.0
@@ -42,6 +62,8 @@ class SelfAttention(nn.Module):
             self.max_scale_mul = math.log(100)
         else:
             self.scale = 0.25 / math.sqrt(self.head_dim)  # VAR's choice, 4x below the usual 1/sqrt(d)
+        if scale is not None:  # FlowAR: the usual 1/sqrt(d)
+            self.scale = scale
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
@@ -50,14 +72,17 @@ class SelfAttention(nn.Module):
     def kv_caching(self, enable: bool) -> None:
         self.caching, self.cached_k, self.cached_v = enable, None, None
 
-    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         B, L, C = x.shape
-        bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
+        bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias)) if self.qkv.bias is None else self.qkv.bias
         qkv = F.linear(x, self.qkv.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, d)
         if self.attn_l2_norm:
             q = F.normalize(q, dim=-1).mul(self.scale_mul.clamp_max(self.max_scale_mul).exp())
             k = F.normalize(k, dim=-1)
+        if rope is not None:  # (cos, sin) of these L positions; keys enter the cache already rotated
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
         if self.caching:
             if self.cached_k is not None:
                 k, v = torch.cat((self.cached_k, k), dim=2), torch.cat((self.cached_v, v), dim=2)
@@ -70,16 +95,27 @@ class SelfAttention(nn.Module):
 
 
 class AdaLNBlock(nn.Module):
-    """x += g1 * attn(LN(x)(1+s1)+b1); x += g2 * mlp(LN(x)(1+s2)+b2), with (g1,g2,s1,s2,b1,b2) from the class."""
+    """x += g1 * attn(LN(x)(1+s1)+b1); x += g2 * mlp(LN(x)(1+s2)+b2), with (g1,g2,s1,s2,b1,b2) from the class.
+
+    VAR: LayerNorm, GELU-tanh MLP, q/v biases. FlowAR: `norm="rms"`, `mlp="swiglu"` (timm SwiGLU with exact GELU,
+    hidden int(dim * mlp_ratio * 2/3)), `qkv_bias="all"`, `attn_scale=head_dim**-0.5` and RoPE given to forward.
+    """
 
     def __init__(self, dim: int, cond_dim: int, num_heads: int, mlp_ratio: float = 4.0, drop: float = 0.0,
                  attn_drop: float = 0.0, drop_path: float = 0.0, norm_eps: float = 1e-6, shared_aln: bool = False,
-                 attn_l2_norm: bool = True):
+                 attn_l2_norm: bool = True, norm: str = "layer", mlp: str = "gelu_tanh", qkv_bias: str = "qv",
+                 attn_scale: float | None = None):
         super().__init__()
+        if norm not in ("layer", "rms") or mlp not in ("gelu_tanh", "swiglu"):
+            raise ValueError(f"norm={norm!r} / mlp={mlp!r}: allowed are norm layer|rms and mlp gelu_tanh|swiglu")
         self.dim = dim
-        self.attn = SelfAttention(dim, num_heads, attn_drop, drop, attn_l2_norm)
-        self.mlp = Mlp(dim, round(dim * mlp_ratio), act_layer=partial(nn.GELU, approximate="tanh"), drop=(0.0, drop))
-        self.norm = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=False)
+        self.attn = SelfAttention(dim, num_heads, attn_drop, drop, attn_l2_norm, qkv_bias, attn_scale)
+        if mlp == "swiglu":
+            self.mlp = SwiGLU(dim, int(dim * mlp_ratio * 2 / 3), act_layer=nn.GELU, drop=drop)
+        else:
+            self.mlp = Mlp(dim, round(dim * mlp_ratio), act_layer=partial(nn.GELU, approximate="tanh"), drop=(0.0, drop))
+        # one weightless norm serves both branches
+        self.norm = RMSNorm(dim, norm_eps) if norm == "rms" else nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=False)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.shared_aln = shared_aln
         if shared_aln:  # the model-wide projection gives (B,1,6,C); each block adds its own learnt offset
@@ -87,13 +123,14 @@ class AdaLNBlock(nn.Module):
         else:
             self.ada_lin = ada_linear(cond_dim, 6 * dim)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor, attn_bias: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, attn_bias: torch.Tensor | None = None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         if self.shared_aln:
             mods = (self.ada_gss + cond).unbind(2)
         else:
             mods = self.ada_lin(cond).view(-1, 1, 6, self.dim).unbind(2)
         gamma1, gamma2, scale1, scale2, shift1, shift2 = mods
-        x = x + self.drop_path(self.attn(modulate(self.norm(x), scale1, shift1), attn_bias).mul_(gamma1))
+        x = x + self.drop_path(self.attn(modulate(self.norm(x), scale1, shift1), attn_bias, rope).mul_(gamma1))
         return x + self.drop_path(self.mlp(modulate(self.norm(x), scale2, shift2)).mul(gamma2))
 
 

@@ -15,6 +15,8 @@ from .attention import AdaLNBlock, ada_linear
 
 
 class AdaLNTransformer(nn.Module):
+    ada_chunks = 6  # AdaLN vectors per block (gamma, scale, shift of attention and MLP); M-VAR's blocks take 9
+
     def __init__(self, num_classes: int = 1000, token_dim: int = 32, scales: Sequence = VAR_256, depth: int = 16,
                  width: int | None = None, num_heads: int | None = None, mlp_ratio: float = 4.0, drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, drop_path_rate: float | None = None, norm_eps: float = 1e-6,
@@ -38,20 +40,24 @@ class AdaLNTransformer(nn.Module):
         for t in (self.class_emb.weight, self.pos_start, self.pos_embed, self.lvl_embed.weight):
             nn.init.trunc_normal_(t, mean=0, std=init_std)
 
-        self.shared_ada_lin = ada_linear(width, 6 * width) if shared_aln else None
+        self.shared_ada_lin = ada_linear(width, self.ada_chunks * width) if shared_aln else None
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # linear over depth, none in block 0
         self.blocks = nn.ModuleList(
-            AdaLNBlock(width, width, num_heads, mlp_ratio, drop_rate, attn_drop_rate, dpr[i], norm_eps, shared_aln, attn_l2_norm)
+            self.make_block(width, width, num_heads, mlp_ratio, drop_rate, attn_drop_rate, dpr[i], norm_eps, shared_aln, attn_l2_norm)
             for i in range(depth)
         )
         self.register_buffer("lvl_ids", self.scales.level_ids().unsqueeze(0), persistent=False)
         self.register_buffer("attn_bias", self.scales.block_causal_bias(), persistent=False)
 
+    def make_block(self, *args) -> nn.Module:
+        """One block from AdaLNBlock's positional arguments; subclasses swap the block (M-VAR adds a Mamba2 mixer)."""
+        return AdaLNBlock(*args)
+
     # -- pieces shared by the full forward and generation ----------------------------------------------------------
     def block_cond(self, cond: torch.Tensor) -> torch.Tensor:
         if self.shared_ada_lin is None:
             return cond
-        return self.shared_ada_lin(cond).view(-1, 1, 6, self.width)
+        return self.shared_ada_lin(cond).view(-1, 1, self.ada_chunks, self.width)
 
     def level_pos(self) -> torch.Tensor:
         return self.lvl_embed(self.lvl_ids) + self.pos_embed

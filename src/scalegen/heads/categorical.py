@@ -15,6 +15,7 @@ from ..guidance import guide
 
 class CategoricalHead(nn.Module):
     needs_discrete = True  # predicts code indices: pairs only with a VQ tokenizer
+    greedy_options = {"top_k": 1}  # what the sampling loop sets for scales sampled greedily (FlexVAR's off-grid rule)
 
     def __init__(self, width: int, cond_dim: int, vocab_size: int, norm_eps: float = 1e-6, label_smoothing: float = 0.0):
         super().__init__()
@@ -28,7 +29,7 @@ class CategoricalHead(nn.Module):
 
     @torch.no_grad()
     def sample(self, hidden: torch.Tensor, cond: torch.Tensor, cfg_t: float, *, ratio: float, generator=None,
-               top_k: int = 0, top_p: float = 0.0, more_smooth: bool = False, inspect=None):
+               top_k: int = 0, top_p: float = 0.0, more_smooth: bool = False, cfg_mix: str = "var", inspect=None):
         """One scale of generation. hidden/cond hold the conditional then the null-class half (2B rows).
 
         Returns (indices (B, n), soft codes weights (B, n, V) or None): guided logits, top-k/top-p, one multinomial
@@ -36,7 +37,7 @@ class CategoricalHead(nn.Module):
         """
         logits = self(hidden, cond)
         B = logits.shape[0] // 2
-        logits = guide(logits[:B], logits[B:], cfg_t)
+        logits = guide(logits[:B], logits[B:], cfg_t, cfg_mix)
         if inspect:
             inspect("logits_cfg", logits)
         idx = sample_tokens(logits, top_k, top_p, generator)  # masks `logits` in place

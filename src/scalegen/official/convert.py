@@ -1,7 +1,10 @@
 """Convert official releases to scalegen safetensors (and back).
 
     python -m scalegen.official.convert var  var_d16.pth            -o var_d16.safetensors
+    python -m scalegen.official.convert mvar d16.pth                -o mvar_d16.safetensors   # OliverRen/M-VAR
     python -m scalegen.official.convert vae  vae_ch160v4096z32.pth  -o vae_ch160v4096z32.safetensors
+    python -m scalegen.official.convert flowar FlowAR-S.pth         -o flowar_s.safetensors   # and kl16 kl16.ckpt
+    python -m scalegen.official.convert flexvar FlexVARd16-epo179.pth -o flexvar_d16.safetensors   # and flexvae FlexVAE.pth
     python -m scalegen.official.convert var  var_d16.safetensors    -o var_d16.pth --to-official
 
 Each file is loaded with weights_only=True, every key is mapped by the release's table (scalegen.official.var),
@@ -20,7 +23,9 @@ from ..scales import VAR_256
 from .table import read_checkpoint
 from .var import export_vae, export_var, load_vae, load_var, var_config_from_state, vae_config_from_state
 
-KINDS = ("var", "vae")
+KINDS = ("var", "mvar", "vae", "flexvar", "flexvae", "flowar", "kl16")
+FLEX_KINDS = ("flexvar", "flexvae")  # FlexVAR's transformer and tokenizer: scalegen.official.flexvar
+FLOWAR_KINDS = ("flowar", "kl16")  # FlowAR-{S,L,H}.pth and MAR's kl16.ckpt: scalegen.official.flowar
 
 
 def read_meta(path: str) -> dict:
@@ -31,10 +36,20 @@ def read_meta(path: str) -> dict:
 
 
 def to_scalegen(kind: str, src: str, dst: str, scales=None) -> None:
+    if kind in FLEX_KINDS:
+        from . import flexvar
+        return flexvar.to_scalegen(kind, src, dst, scales)
+    if kind in FLOWAR_KINDS:
+        from . import flowar
+        return flowar.to_scalegen(kind, src, dst, scales)
     state = read_checkpoint(src)
     if kind == "var":
         config = var_config_from_state(state, scales)
         model = load_var(state, config)
+    elif kind == "mvar":  # M-VAR: VAR's keys + a Mamba2 per block; attn_l2_norm read from the keys
+        from .mvar import load_mvar, mvar_config_from_state
+        config = mvar_config_from_state(state, scales)
+        model = load_mvar(state, config)
     else:
         config = vae_config_from_state(state, **({"v_patch_nums": tuple(scales)} if scales else {}))
         stats = state.get("quantize.ema_vocab_hit_SV")
@@ -48,6 +63,12 @@ def to_scalegen(kind: str, src: str, dst: str, scales=None) -> None:
 
 
 def to_official(kind: str, src: str, dst: str) -> None:
+    if kind in FLEX_KINDS:
+        from . import flexvar
+        return flexvar.to_official(kind, src, dst)
+    if kind in FLOWAR_KINDS:
+        from . import flowar
+        return flowar.to_official(kind, src, dst)
     from safetensors.torch import load_file
     meta = read_meta(src)
     if meta.get("kind") != kind:
@@ -57,6 +78,11 @@ def to_official(kind: str, src: str, dst: str) -> None:
         model = build_var(meta["config"])
         model.load_state_dict(load_file(src), strict=True)
         state = export_var(model)
+    elif kind == "mvar":
+        from .mvar import build_mvar, export_mvar
+        model = build_mvar(meta["config"])
+        model.load_state_dict(load_file(src), strict=True)
+        state = export_mvar(model)
     else:
         from ..tokenizers import MultiScaleVQVAE
         model = MultiScaleVQVAE(**meta["config"])

@@ -2,7 +2,7 @@
 
 VAR describes an L2 + perceptual + GAN compound loss but released no tokenizer training (reference/VAR.md 1.11).
 Any tokenizer whose `forward(img)` returns `(recon, aux_loss, stats)` trains here: the VQ tokenizers return their
-VQ loss and per-scale hit counts, a KL VAE its KL term.
+VQ loss and per-scale hit counts, a KL VAE its KL term; `recon` may be a list, one per scale (FlexVAE).
 """
 from __future__ import annotations
 
@@ -96,12 +96,18 @@ class TokenizerModule(L.LightningModule):
         img = batch[0]
         hp = self.hparams
         recon, aux, stats = self.tokenizer(img)
+        # a multi-scale tokenizer (FlexVAE) gives one reconstruction per scale, coarse to fine: each is compared with
+        # the image area-resized to its size; the adversarial term and the logged PSNR use the finest
+        recons = list(recon) if isinstance(recon, (list, tuple)) else [recon]
+        recon = recons[-1]
+        targets = [img if r.shape[-2:] == img.shape[-2:] else F.interpolate(img, size=r.shape[-2:], mode="area")
+                   for r in recons]
         aux = torch.as_tensor(aux, dtype=torch.float32, device=recon.device)  # a tokenizer may return a plain 0.0
-        rec = self._recon_loss(recon, img)
+        rec = sum(self._recon_loss(r, t) for r, t in zip(recons, targets)) / len(recons)
         nll = hp.recon_weight * rec
         logs = {"train/recon": rec, "train/aux": aux}
         if self.perceptual is not None:
-            perceptual = self.perceptual(recon, img).mean()
+            perceptual = sum(self.perceptual(r, t).mean() for r, t in zip(recons, targets)) / len(recons)
             nll = nll + hp.perceptual_weight * perceptual
             logs["train/perceptual"] = perceptual
         loss = nll + hp.aux_weight * aux
