@@ -1,4 +1,4 @@
-"""MAR's `kl16.ckpt` (the KL-16 VAE FlowAR uses): `torch.load(path)["model"]` is a state dict of 312 tensors.
+"""MAR's `kl16.ckpt` (the KL-16 VAE FlowAR uses): the file holds a state dict of 312 tensors under "model".
 
 scalegen's `AutoencoderKL` keeps the official module names, so the table is the identity; the sizes (channels,
 levels, where attention sits) are read from the keys. Reference: reference/FLOWAR.md sec. 5, keys_kl16.txt.
