@@ -11,8 +11,8 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from . import blocks as shared
 from .blocks import Downsample, ResnetBlock, Upsample, _level, group_norm
 
 LATENT_MODES = ("sample", "mean")
@@ -70,17 +70,8 @@ class KLEncoder(nn.Module):
         self.norm_out = group_norm(width, norm_groups)
         self.conv_out = nn.Conv2d(width, 2 * z_channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(x)
-        for level in self.down:
-            for i, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn):
-                    h = level.attn[i](h)
-            if hasattr(level, "downsample"):
-                h = level.downsample(h)
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
-        return self.conv_out(F.silu(self.norm_out(h)))
+    # the same pass as the VQ encoder (same module names); only where attention sits differs
+    forward = shared.Encoder.forward
 
 
 class KLDecoder(nn.Module):
@@ -110,16 +101,7 @@ class KLDecoder(nn.Module):
         self.norm_out = group_norm(width, norm_groups)
         self.conv_out = nn.Conv2d(width, out_channels, 3, padding=1)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
-        for level in reversed(self.up):
-            for i, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn):
-                    h = level.attn[i](h)
-            if hasattr(level, "upsample"):
-                h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+    forward = shared.Decoder.forward
 
 
 class Posterior:
