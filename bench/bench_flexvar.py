@@ -16,42 +16,18 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from _harness import build, timed  # noqa: E402  (bench/ is on sys.path when run as a script)
+
 # official code on a 2-core machine like this one (BASELINES.md): train fwd+bwd batch 2, sample 1 image (10 steps)
 OFFICIAL = {"train": (16.3, 16.6), "sample10": (11.9, 11.0), "decode": 3.0, "rss_train_mb": 4817}
 STEPS = {"sample10": (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), "sample13": (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 14, 16)}
 
 
-def build():
-    import torch
-    from hydra import compose, initialize_config_dir
-    from scalegen.build import build_generator, build_tokenizer
-
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        cfg = compose("train", overrides=["experiment=flexvar_d16", "data.root=/unused"])
-    torch.manual_seed(0)
-    tokenizer = build_tokenizer(cfg).eval().requires_grad_(False)
-    generator, composition = build_generator(cfg, tokenizer, 1000)
-    return tokenizer, generator, composition
-
-
-def timed(fn, repeats: int) -> list[float]:
-    fn()  # warm-up
-    out = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
-
-
 def measure(kind: str, repeats: int, threads: int) -> dict:
     import torch
     torch.set_num_threads(threads)
-    tokenizer, generator, composition = build()
+    tokenizer, generator, composition = build("flexvar_d16")
     if kind == "train":
         generator.train()
         B, L = 2, composition.scales.num_tokens

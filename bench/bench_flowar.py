@@ -16,41 +16,17 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from _harness import build, timed  # noqa: E402  (bench/ is on sys.path when run as a script)
+
 # official FlowAR-S on a 2-core machine like this one (BASELINES.md): two passes each
 OFFICIAL = {"train": (6.9, 6.5), "sample": (22.5, 18.1), "rss_train_mb": 3325, "decode": 2.8}
-
-
-def build():
-    import torch
-    from hydra import compose, initialize_config_dir
-    from scalegen.build import build_generator, build_tokenizer
-
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        cfg = compose("train", overrides=["experiment=flowar_s", "data.root=/unused", "tokenizer_ckpt=/unused"])
-    torch.manual_seed(0)
-    tokenizer = build_tokenizer(cfg).eval().requires_grad_(False)
-    generator, composition = build_generator(cfg, tokenizer, 1000)
-    return tokenizer, generator, composition
-
-
-def timed(fn, repeats: int) -> list[float]:
-    fn()  # warm-up
-    out = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
 
 
 def measure(kind: str, repeats: int, threads: int) -> dict:
     import torch
     torch.set_num_threads(threads)
-    tokenizer, generator, composition = build()
+    tokenizer, generator, composition = build("flowar_s", "tokenizer_ckpt=/unused")
     if kind == "train":
         generator.train()
         B = 2

@@ -18,36 +18,12 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from _harness import build, timed  # noqa: E402  (bench/ is on sys.path when run as a script)
+
 # official code on a 2-core machine like this one (BASELINES.md; MVAR.md sec. 4.4 for the mixer, batch 1, L=680)
 OFFICIAL = {"train": (32.1, 30.6), "sample": (31.8, 28.0), "rss_train_mb": 12374, "decode": 3.4,
             "mixer_fwd_ms": 382, "mixer_fwd_bwd_ms": 2561, "var_train": (18.8, 20.3), "var_sample": (11.2, 11.3)}
-
-
-def build(experiment: str = "mvar_d16"):
-    import torch
-    from hydra import compose, initialize_config_dir
-    from scalegen.build import build_generator, build_tokenizer
-
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        cfg = compose("train", overrides=[f"experiment={experiment}", "data.root=/unused"])
-    torch.manual_seed(0)
-    tokenizer = build_tokenizer(cfg).eval().requires_grad_(False)
-    generator, composition = build_generator(cfg, tokenizer, 1000)
-    return tokenizer, generator, composition
-
-
-def timed(fn, repeats: int) -> list[float]:
-    fn()  # warm-up
-    out = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
 
 
 def measure(kind: str, repeats: int, threads: int) -> dict:
