@@ -5,7 +5,7 @@ from omegaconf import DictConfig
 
 @hydra.main(config_path="configs", config_name="sample", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from scalegen.sample import sample_to_folder
+    from scalegen.commands.sample import sample_to_folder
 
     sample_to_folder(cfg)
 

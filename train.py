@@ -5,7 +5,7 @@ from omegaconf import DictConfig
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from scalegen.run import train  # imported here so `--help` and config errors come before the heavy imports
+    from scalegen.commands.train import train  # imported here so `--help` and config errors come before the heavy imports
 
     train(cfg)
 

@@ -43,7 +43,7 @@ def measure(kind: str, repeats: int, threads: int) -> dict:
         times = timed(step, repeats)
     elif kind in STEPS:
         from scalegen.official.flexvar import OFFICIAL_SIDES
-        from scalegen.sampling import generate
+        from scalegen.generation.loop import generate
         generator.eval()
 
         def sample():

@@ -56,7 +56,7 @@ def measure(kind: str, repeats: int, threads: int) -> dict:
                 generator.zero_grad(set_to_none=True)
             times = timed(step, repeats)
         elif kind == "sample":
-            from scalegen.sampling import generate
+            from scalegen.generation.loop import generate
             generator.eval()
 
             def sample():

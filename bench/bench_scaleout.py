@@ -80,7 +80,7 @@ def timed(fn, repeats: int) -> float:
 
 
 def bench_step(repeats: int) -> list[tuple[str, str, str]]:
-    from scalegen.distributed import checkpoint_blocks
+    from scalegen.scaleout.distributed import checkpoint_blocks
 
     rows = []
     for ac in (False, True):
@@ -101,7 +101,7 @@ def bench_step(repeats: int) -> list[tuple[str, str, str]]:
 def _fsdp_rank(rank: int, port: int, repeats: int, queue) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from scalegen.distributed import shard_generator
+    from scalegen.scaleout.distributed import shard_generator
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -138,8 +138,8 @@ def bench_fsdp(repeats: int) -> list[tuple[str, str, str]]:
 def bench_cache_and_load(tmp: Path) -> list[tuple[str, str, str]]:
     from hydra import compose, initialize_config_dir
     from scalegen.build import build_tokenizer
-    from scalegen.cache_latents import parse_args, run
-    from scalegen.checkpoints import save_safetensors
+    from scalegen.scaleout.cache_latents import parse_args, run
+    from scalegen.io import save_safetensors
     from scalegen.data import DigitsDataModule
     from scalegen.data.latents import LatentsDataModule
 

@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 
 from scalegen.build import build_module
-from scalegen.run import make_trainer
+from scalegen.commands.train import make_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 

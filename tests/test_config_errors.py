@@ -11,8 +11,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from scalegen.build import ConfigError, check_generator_config
-from scalegen.official.table import CheckpointMismatch, load_strict
+from scalegen.build import check_generator_config
+from scalegen.errors import ConfigError
+from scalegen.io import CheckpointMismatch, load_strict
 
 REPO = Path(__file__).resolve().parents[1]
 

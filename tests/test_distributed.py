@@ -15,8 +15,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from scalegen.build import build_tokenizer
-from scalegen.checkpoints import save_safetensors
-from scalegen.consolidate import consolidate
+from scalegen.io import save_safetensors
+from scalegen.scaleout.consolidate import consolidate
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -107,7 +107,7 @@ def test_trainer_presets_compose_and_build_their_strategy(preset):
     from hydra.utils import instantiate
     from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
-    from scalegen.distributed import FSDP1Strategy, FSDP2Strategy
+    from scalegen.scaleout.distributed import FSDP1Strategy, FSDP2Strategy
     from scalegen.generators import AdaLNBlock
 
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):

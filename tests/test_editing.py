@@ -14,8 +14,8 @@ from PIL import Image
 
 from scalegen.build import build_generator, build_tokenizer, check_generator_config, run_config
 from scalegen.data import DigitsDataModule
-from scalegen.editing import KnownTokens, edit, expand_canvas, known_tokens, stretched, token_masks
-from scalegen.module import GeneratorModule
+from scalegen.generation.editing import KnownTokens, edit, expand_canvas, known_tokens, stretched, token_masks
+from scalegen.training.module import GeneratorModule
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -149,7 +149,7 @@ def test_inpainting_works_for_other_methods(model, digits):
 def test_sample_py_edit_group(digits, tmp_path):
     """sample.py's `edit` options: in-painting with a mask file, and expansion with the model's list stretched."""
     from omegaconf import OmegaConf
-    from scalegen.sample import sample_to_folder
+    from scalegen.commands.sample import sample_to_folder
     module, cfg = module_for("flexvar")
     ckpt = tmp_path / "model.ckpt"
     torch.save({"scalegen_config": run_config(cfg), "state_dict": module.state_dict()}, ckpt)
@@ -169,7 +169,7 @@ def test_sample_py_edit_group(digits, tmp_path):
     # the same call for a residual model, with another list: refused before anything is drawn
     var, var_cfg = module_for("var")
     torch.save({"scalegen_config": run_config(var_cfg), "state_dict": var.state_dict()}, tmp_path / "var.ckpt")
-    from scalegen.build import ConfigError
+    from scalegen.errors import ConfigError
     with pytest.raises(ConfigError, match="scales"):
         sample_to_folder(compose_cfg("sample", f"ckpt={tmp_path / 'var.ckpt'}", "labels=[1]", "scales=[1,2,4,8]",
                                      f"out_dir={tmp_path / 'var_out'}"))

@@ -12,19 +12,20 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from torch.utils.data import DataLoader, TensorDataset
 
-from scalegen.anyscale import RandomScales, using_scales
-from scalegen.build import ConfigError, build_generator, build_tokenizer, check_generator_config
-from scalegen.composition import ResidualComposition
-from scalegen.direct_vq import DirectVQComposition
+from scalegen.schedule.anyscale import RandomScales, using_scales
+from scalegen.build import build_generator, build_tokenizer, check_generator_config
+from scalegen.errors import ConfigError
+from scalegen.schedule.residual import ResidualComposition
+from scalegen.schedule.direct_vq import DirectVQComposition
 from scalegen.generators.flexvar import ScaleFreeTransformer, sincos_table
-from scalegen.guidance import guide
-from scalegen.module import GeneratorModule
+from scalegen.generation.guidance import guide
+from scalegen.training.module import GeneratorModule
 from scalegen.official.flexvar import (OFFICIAL_SIDES, build_flexvar, export_flexvae, export_flexvar, load_flexvae,
                                        load_flexvar)
-from scalegen.official.table import CheckpointMismatch
+from scalegen.io import CheckpointMismatch
 from scalegen.pretrained import load_generator
-from scalegen.sampling import generate
-from scalegen.scales import VAR_256, ScaleSchedule, area_down
+from scalegen.generation.loop import generate
+from scalegen.schedule.scales import VAR_256, ScaleSchedule, area_down
 from scalegen.tokenizers.flexvq import FlexVAE
 from scalegen.tokenizers.train import TokenizerModule
 

@@ -12,17 +12,18 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from scalegen.build import ConfigError, build_generator, build_module, build_tokenizer, check_generator_config
-from scalegen.compositions_direct import DirectComposition, to_map, to_tokens
+from scalegen.build import build_generator, build_module, build_tokenizer, check_generator_config
+from scalegen.errors import ConfigError
+from scalegen.schedule.direct import DirectComposition, to_map, to_tokens
 from scalegen.generators import Generator
 from scalegen.generators.flowar import FlowARTransformer
 from scalegen.heads.flow import FlowHead, euler_sample, euler_times
 from scalegen.heads.flownet import TimeEmbed
 from scalegen.official.flowar import export_flowar, load_flowar, load_flowar_release
 from scalegen.official.kl16 import export_kl
-from scalegen.official.table import CheckpointMismatch
-from scalegen.sampling import generate
-from scalegen.scales import area_down, bicubic_up
+from scalegen.io import CheckpointMismatch
+from scalegen.generation.loop import generate
+from scalegen.schedule.scales import area_down, bicubic_up
 from scalegen.tokenizers.kl import AutoencoderKL
 from scalegen.tokenizers.latent_stats import latent_moments
 

@@ -7,11 +7,11 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from scalegen.build import build_generator, build_tokenizer, check_generator_config
-from scalegen.composition import ResidualComposition
+from scalegen.schedule.residual import ResidualComposition
 from scalegen.generators import AdaLNTransformer, Generator, init_var_weights
-from scalegen.guidance import guidance_strength, guide
+from scalegen.generation.guidance import guidance_strength, guide
 from scalegen.heads import CategoricalHead, sample_tokens, top_k_top_p_
-from scalegen.sampling import generate
+from scalegen.generation.loop import generate
 from scalegen.tokenizers import MultiScaleVQVAE
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,8 +11,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
 from scalegen.build import build_module, build_tokenizer
-from scalegen.cache_latents import encode, parse_args, run
-from scalegen.checkpoints import save_safetensors
+from scalegen.scaleout.cache_latents import encode, parse_args, run
+from scalegen.io import save_safetensors
 from scalegen.data import DigitsDataModule
 from scalegen.data.latents import LatentsDataModule, LatentShards, latent_from_moments
 
@@ -139,7 +139,7 @@ def test_datamodule_batches_and_training_from_latents_skip_encode(cache, tmp_pat
 
 
 def test_train_run_from_cache_uses_its_tokenizer(cache, tmp_path):
-    from scalegen.run import train
+    from scalegen.commands.train import train
 
     root, tok = cache
     out = tmp_path / "run"

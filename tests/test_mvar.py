@@ -15,7 +15,7 @@ from scalegen.build import build_generator, build_tokenizer, check_generator_con
 from scalegen.generators import Generator, MambaAdaLNTransformer
 from scalegen.generators.mvar import block_diagonal_bias
 from scalegen.heads import CategoricalHead
-from scalegen.official.table import CheckpointMismatch
+from scalegen.io import CheckpointMismatch
 from scalegen.official.mvar import build_mvar, export_mvar, mvar_config_from_state
 from scalegen.pretrained import load_generator
 

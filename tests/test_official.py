@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from scalegen.checkpoints import save_safetensors
-from scalegen.official.table import CheckpointMismatch
+from scalegen.io import save_safetensors
+from scalegen.io import CheckpointMismatch
 from scalegen.official.var import build_var, export_vae, export_var, load_var, var_config_from_state
 from scalegen.pretrained import load_generator
-from scalegen.scales import VAR_256, VAR_512
+from scalegen.schedule.scales import VAR_256, VAR_512
 from scalegen.tokenizers import MultiScaleVQVAE
 
 # `scalegen.official.convert` is also the name of a function re-exported by the package: import the module itself

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from scalegen.direct_vq import DirectVQComposition
+from scalegen.schedule.direct_vq import DirectVQComposition
 from scalegen.official.flexvar import (OFFICIAL_SIDES, export_flexvae, export_flexvar, flexvae_config_from_state,
                                        flexvar_config_from_state, load_flexvae, load_flexvar)
-from scalegen.sampling import generate, random_labels
-from scalegen.scales import bicubic_up
+from scalegen.generation.loop import generate, random_labels
+from scalegen.schedule.scales import bicubic_up
 
 ATOL = 1e-4  # the bound for every float; indices and generator states are compared exactly
 

@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from scalegen.compositions_direct import DirectComposition
+from scalegen.schedule.direct import DirectComposition
 from scalegen.heads.flow import euler_sample, euler_times
-from scalegen.module import GeneratorModule
+from scalegen.training.module import GeneratorModule
 from scalegen.official.flowar import export_flowar, flowar_config_from_state, load_flowar
 from scalegen.official.kl16 import export_kl, kl_config_from_state, load_kl
-from scalegen.sampling import generate
+from scalegen.generation.loop import generate
 
 ATOL = 1e-4  # floats (issue #3: within 1e-4, expect ~1e-6)
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from scalegen.composition import ResidualComposition
+from scalegen.schedule.residual import ResidualComposition
 from scalegen.official.mvar import export_mvar, load_mvar, mvar_config_from_state
 from scalegen.official.var import load_vae
-from scalegen.sampling import generate
+from scalegen.generation.loop import generate
 
 ATOL = 1e-4  # the float tolerance; indices exact
 

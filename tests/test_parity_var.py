@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from scalegen.composition import ResidualComposition
+from scalegen.schedule.residual import ResidualComposition
 from scalegen.official.table import convert
 from scalegen.official.var import VAE_TABLE, export_vae, export_var, load_vae, load_var, var_config_from_state, vae_config_from_state
-from scalegen.sampling import generate, random_labels
+from scalegen.generation.loop import generate, random_labels
 from scalegen.tokenizers import MultiScaleQuantizer, phi_table
 
 # absolute tolerances (README "Suggested tolerances"); indices are compared exactly, losses relatively

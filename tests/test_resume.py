@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 from scalegen.build import build_module, build_tokenizer
-from scalegen.checkpoints import save_safetensors
+from scalegen.io import save_safetensors
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -142,7 +142,7 @@ def test_nonfinite_losses_skip_count_and_stop(tmp_path):
 
 
 def test_unwritable_output_folder_fails_at_start(tmp_path):
-    from scalegen.run import train
+    from scalegen.commands.train import train
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     cfg = compose_cfg("data.batch_size=4")

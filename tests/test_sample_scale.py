@@ -10,8 +10,9 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-import scalegen.sample as sample
-from scalegen.sample import chunks, sample_to_folder, sampling_labels, shard_from_env
+import scalegen.commands.sample as sample
+from scalegen.commands.sample import sample_to_folder, sampling_labels
+from scalegen.generation.chunks import chunks, shard_from_env
 
 REPO = Path(__file__).resolve().parents[1]
 N = 20  # 10 classes x 2, in chunks of 3: 7 chunks, the last one short

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from scalegen.scales import VAR_256, VAR_512, ScaleSchedule, doubling
+from scalegen.schedule.scales import VAR_256, VAR_512, ScaleSchedule, doubling
 from scalegen.tokenizers import phi_table
 
 

@@ -12,7 +12,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from scalegen.build import build_tokenizer
-from scalegen.checkpoints import save_safetensors
+from scalegen.io import save_safetensors
 
 REPO = Path(__file__).resolve().parents[1]
 FAKESLURM = REPO / "tests" / "fakeslurm"
@@ -84,7 +84,7 @@ def test_signal_saves_then_hands_over_to_submitit(tmp_path):
     """In-process: USR2 during fit -> last.ckpt written at the next step boundary, then the previous handler."""
     import lightning as L
     from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-    from scalegen.slurm import SubmititRequeue
+    from scalegen.scaleout.slurm import SubmititRequeue
 
     calls = []
 
@@ -143,7 +143,7 @@ def test_loggers_csv_by_default_wandb_offline_and_lazily_imported_tensorboard(tm
     assert (tmp_path / "csv" / "metrics.csv").is_file()
     lazy = subprocess.run([sys.executable, "-c", (  # a fresh process: other tests may have imported wandb here
         "import sys; from hydra import compose, initialize_config_dir; from hydra.utils import instantiate; "
-        "import scalegen.run\n"
+        "import scalegen.commands.train\n"
         f"with initialize_config_dir(config_dir={str(REPO / 'configs')!r}, version_base='1.3'):\n"
         f"    cfg = compose('train', overrides=['logger.csv.save_dir={tmp_path}'])\n"
         "instantiate(cfg.logger.csv); print('wandb' in sys.modules)")], capture_output=True, text=True, timeout=120)

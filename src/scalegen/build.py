@@ -6,21 +6,23 @@ impossible pairing fails at once, naming the key.
 from __future__ import annotations
 
 import inspect
-from pathlib import Path
 from typing import Any, Iterable
 
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from .composition import ResidualComposition
-from .compositions_direct import DirectComposition
-from .direct_vq import DirectVQComposition
+from scalegen.errors import ConfigError
+from scalegen.generators import Generator, init_var_weights
+from scalegen.official.var import load_tokenizer_weights
+from scalegen.schedule.anyscale import fixed_parts
+from scalegen.schedule.direct import DirectComposition
+from scalegen.schedule.direct_vq import DirectVQComposition
+from scalegen.schedule.residual import ResidualComposition
+from scalegen.schedule.scales import ScaleSchedule
+from scalegen.training.module import GeneratorModule
 
 COMPOSITIONS = {"residual": ResidualComposition, "direct": DirectComposition, "direct_vq": DirectVQComposition}
 
-
-class ConfigError(ValueError):
-    pass
 
 
 def check_node(node: DictConfig, path: str, derived: Iterable[str] = ()) -> type:
@@ -94,9 +96,7 @@ def check_generator_config(cfg: DictConfig) -> None:
 
 def check_schedule_changes(cfg: DictConfig, backbone_cls: type, composition_cls: type) -> None:
     """Random training schedules (model.train_scales) and another list at generation (sample.scales) need parts
-    that can change their schedule (scalegen.anyscale); VAR's residual tokens and per-token positions cannot."""
-    from .anyscale import fixed_parts
-    from .scales import ScaleSchedule
+    that can change their schedule (scalegen.schedule.anyscale); VAR's residual tokens and per-token positions cannot."""
     train_scales = cfg.model.get("train_scales")
     if train_scales is not None:
         check_node(train_scales, "model.train_scales")
@@ -111,13 +111,11 @@ def check_schedule_changes(cfg: DictConfig, backbone_cls: type, composition_cls:
 def build_tokenizer(cfg: DictConfig, checkpoint: str | None = None):
     tokenizer = instantiate(cfg.tokenizer, _convert_="all")
     if checkpoint:
-        from .checkpoints import load_tokenizer_weights
         load_tokenizer_weights(tokenizer, checkpoint)
     return tokenizer
 
 
 def build_generator(cfg: DictConfig, tokenizer, num_classes: int):
-    from .generators import Generator
     composition = COMPOSITIONS[cfg.model.composition](tokenizer, list(cfg.scales))
     backbone = instantiate(cfg.backbone, num_classes=num_classes, token_dim=composition.token_dim,
                            scales=composition.scales.sizes, _convert_="all")
@@ -128,13 +126,11 @@ def build_generator(cfg: DictConfig, tokenizer, num_classes: int):
     generator = Generator(backbone, head)
     init = cfg.model.get("init")
     if init:
-        from .generators import init_var_weights
         init_var_weights(generator, **init)
     return generator, composition
 
 
 def build_module(cfg: DictConfig, num_classes: int, tokenizer_ckpt: str | None = None):
-    from .module import GeneratorModule
     check_generator_config(cfg)
     tokenizer = build_tokenizer(cfg, tokenizer_ckpt)
     generator, composition = build_generator(cfg, tokenizer, num_classes)
@@ -153,14 +149,3 @@ def run_config(cfg: DictConfig) -> dict[str, Any]:
     """The resolved config a checkpoint keeps: everything but the run-folder-bound logger and callbacks."""
     return OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k not in ("logger", "callbacks")]),
                                   resolve=True)
-
-
-def resolve_path(path: str | None) -> str | None:
-    """User paths are relative to where the command was started, not to Hydra's run folder."""
-    if not path:
-        return None
-    from hydra.utils import to_absolute_path
-    try:
-        return to_absolute_path(path)
-    except ValueError:  # not inside a Hydra run (tests, notebooks)
-        return str(Path(path).expanduser().resolve())

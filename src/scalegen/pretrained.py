@@ -6,9 +6,15 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from .checkpoints import load_lightning_checkpoint
-from .composition import ResidualComposition
-from .official.table import load_strict, read_checkpoint
+from scalegen.build import build_generator, build_tokenizer
+from scalegen.io import load_lightning_checkpoint, load_strict, read_checkpoint, read_meta
+from scalegen.official.flexvar import is_flexvar_file, load_flexvar_release
+from scalegen.official.flowar import load_flowar_release
+from scalegen.official.mvar import build_mvar, load_mvar
+from scalegen.official.var import build_var, load_vae, load_var
+from scalegen.schedule.residual import ResidualComposition
+from scalegen.tokenizers import MultiScaleVQVAE
+from scalegen.training.module import GeneratorModule
 
 
 def load_generator(path: str, vae_path: str | None = None, device: str | torch.device = "cpu"):
@@ -19,8 +25,6 @@ def load_generator(path: str, vae_path: str | None = None, device: str | torch.d
     of OliverRen/M-VAR, which use the same tokenizer) and their conversions are recognised by their keys, as are
     FlexVAR's (`FlexVARd16-epo179.pth` with `vae_path` = `FlexVAE.pth`).
     """
-    from .build import build_generator, build_tokenizer
-    from .module import GeneratorModule
 
     if not Path(path).exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -35,8 +39,8 @@ def load_generator(path: str, vae_path: str | None = None, device: str | torch.d
                                  sample=OmegaConf.to_container(cfg.sample), config=ckpt["scalegen_config"])
         load_strict(module, state, f"checkpoint {path}")
     elif _is_flexvar(str(path)):  # FlexVAR release or conversion: FlexVAE tokenizer, official sampling defaults
-        from .official.flexvar import load_module
-        module = load_module(str(path), None if vae_path is None else str(vae_path))
+        tokenizer, generator, composition, sample = load_flexvar_release(str(path), None if vae_path is None else str(vae_path))
+        module = GeneratorModule(tokenizer, generator, composition, ema_decay=None, sample=sample)
     elif (flowar := _load_official_flowar(str(path), vae_path)) is not None:  # FlowAR-{S,L,H}.pth + kl16.ckpt
         tokenizer, generator, composition, sample = flowar  # sampling defaults: the release's README settings
         module = GeneratorModule(tokenizer, generator, composition, ema_decay=None, sample=sample)
@@ -52,44 +56,33 @@ def load_generator(path: str, vae_path: str | None = None, device: str | torch.d
 
 def _load_official_flowar(path: str, vae_path):
     """(tokenizer, generator, composition, sampling defaults) of an official FlowAR release; None for other files."""
-    from .official.flowar import load_flowar_release
     return load_flowar_release(path, None if vae_path is None else str(vae_path))
 
 
 def _is_flexvar(path: str) -> bool:
-    from .official.flexvar import is_flexvar_file
     return is_flexvar_file(path)
 
 
 def _load_official_var(path: str):
-    from .official.var import build_var, load_var
     if path.endswith(".safetensors"):  # written by scalegen.official.convert: scalegen names + config metadata
         from safetensors.torch import load_file
-        from .official.convert import read_meta
         meta = read_meta(path)
         if meta.get("kind") not in ("var", "mvar"):
             raise ValueError(f"{path}: not a converted VAR or M-VAR checkpoint (metadata kind {meta.get('kind')!r})")
-        build = build_var
-        if meta["kind"] == "mvar":
-            from .official.mvar import build_mvar as build
-        generator = build(meta["config"])
+        generator = (build_mvar if meta["kind"] == "mvar" else build_var)(meta["config"])
         load_strict(generator, load_file(path), f"checkpoint {path}")
         return generator
     state = read_checkpoint(path)
     if "blocks.0.mamba.A_log" in state:  # an M-VAR release (OliverRen/M-VAR): VAR's keys plus a Mamba2 per block
-        from .official.mvar import load_mvar
         return load_mvar(state)
     return load_var(state)
 
 
 def _load_official_vae(path: str, scales):
-    from .official.var import load_vae
-    from .tokenizers import MultiScaleVQVAE
     if not Path(path).exists():
         raise FileNotFoundError(f"tokenizer checkpoint not found: {path}")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
-        from .official.convert import read_meta
         meta = read_meta(path)
         vae = MultiScaleVQVAE(**{**meta.get("config", {}), "v_patch_nums": scales})
         load_strict(vae, load_file(path), f"tokenizer {path}")

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from ..resume import ResumableData, seeded_rng
+from scalegen.data.resume import ResumableData, seeded_rng
 
 
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -113,7 +113,7 @@ class DigitsDataModule(ResumableData, L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            # order fixed by (seed, epoch), position and augmentations restored on resume (scalegen.resume)
+            # order fixed by (seed, epoch), position and augmentations restored on resume (scalegen.data.resume)
             sampler=self.train_sampler(dataset, self.split_seed, self.batch_size),
             generator=torch.Generator().manual_seed(self.split_seed),  # worker seeds never draw from the global RNG
             drop_last=drop_last,

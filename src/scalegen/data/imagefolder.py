@@ -21,8 +21,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from ..resume import ResumableData, seeded_rng
-from .digits import stratified_split
+from scalegen.data.digits import stratified_split
+from scalegen.data.resume import ResumableData, seeded_rng
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -200,7 +200,7 @@ class ImageFolderDataModule(ResumableData, L.LightningDataModule):
             dataset,
             on_skipped=self._count_skipped,
             batch_size=self.batch_size,
-            # train: order fixed by (seed, epoch), position and flips restored on resume (scalegen.resume)
+            # train: order fixed by (seed, epoch), position and flips restored on resume (scalegen.data.resume)
             sampler=self.train_sampler(dataset, self.split_seed, self.batch_size) if train else None,
             generator=torch.Generator().manual_seed(self.split_seed),  # worker seeds never draw from the global RNG
             drop_last=train and len(samples) > self.batch_size,

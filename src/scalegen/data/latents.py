@@ -1,4 +1,4 @@
-"""Training from cached tokenizer latents (written by `python -m scalegen.cache_latents`): no image decoding.
+"""Training from cached tokenizer latents (written by `python -m scalegen.scaleout.cache_latents`): no image decoding.
 
 On disk, per split (`<root>/train`, `<root>/val`): `index.json` and shards `latents_00000.npy` (n, 2, C, h, w) with
 the image and its horizontal flip (MAR, FlowAR), `labels_00000.npy` (n,) int64. For a tokenizer with a posterior
@@ -16,7 +16,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..resume import ResumableData
+from scalegen.data.resume import ResumableData
+from scalegen.io import resolve_path
+from scalegen.tokenizers.kl import Posterior
 
 FORMAT = "scalegen-latents/1"
 
@@ -26,8 +28,8 @@ def read_index(folder: str | Path) -> dict[str, Any]:
     path = folder / "index.json"
     if not path.is_file():
         plan = folder / "plan.json"
-        hint = (" (the caching did not finish: run the same `python -m scalegen.cache_latents` command again to "
-                "complete it)") if plan.is_file() else " (make it with `python -m scalegen.cache_latents`)"
+        hint = (" (the caching did not finish: run the same `python -m scalegen.scaleout.cache_latents` command again to "
+                "complete it)") if plan.is_file() else " (make it with `python -m scalegen.scaleout.cache_latents`)"
         raise FileNotFoundError(f"{path} not found{hint}")
     index = json.loads(path.read_text())
     if index.get("format") != FORMAT:
@@ -40,7 +42,6 @@ def latent_from_moments(tokenizer, moments: torch.Tensor) -> torch.Tensor:
     has one; else a posterior sample (or the mean, per `tokenizer.latent`) times its scale factor (the KL VAE)."""
     if hasattr(tokenizer, "latent_from_moments"):
         return tokenizer.latent_from_moments(moments)
-    from ..tokenizers.kl import Posterior
 
     posterior = Posterior(moments.float())
     z = posterior.sample() if getattr(tokenizer, "latent", "sample") == "sample" else posterior.mean
@@ -121,7 +122,6 @@ class LatentsDataModule(ResumableData, L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        from ..build import resolve_path
         self.root = Path(resolve_path(str(self.root)))
         self.train_set = LatentShards(self.root / "train", self.flip)
         cached = self.train_set.index.get("data", {}).get("image_size")

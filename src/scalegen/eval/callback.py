@@ -16,9 +16,11 @@ from typing import Sequence
 import lightning as L
 import torch
 
-from ..sample import chunks, generate_chunk
-from . import classifier as digits
-from .metrics import Evaluator, reference_from_images, reference_from_path, to_uint8
+from scalegen.eval import classifier as digits
+from scalegen.eval.metrics import Evaluator, reference_from_images, reference_from_path, to_uint8
+from scalegen.generation.chunks import chunks, generate_chunk
+from scalegen.io import resolve_path
+from scalegen.scaleout.distributed import generation_context
 
 
 class EvalCallback(L.Callback):
@@ -65,7 +67,6 @@ class EvalCallback(L.Callback):
             ref = reference_from_images(to_uint8(images.add(1).mul(0.5)), f"{type(data).__name__}-{self.reference_split}",
                                         f"real {self.reference_split} split ({len(images)} images)")
         else:
-            from ..build import resolve_path
             ref = reference_from_path(resolve_path(self.reference))
         self.evaluator = Evaluator(ref, self.metrics, self.feature_extractor, weights=weights, cache_dir=self.cache_dir,
                                    device=trainer.strategy.root_device, batch_size=self.batch_size, seed=self.seed,
@@ -139,7 +140,6 @@ class EvalCallback(L.Callback):
         mine = chunks(len(labels), self.batch_size, rank, world)
         rounds = len(chunks(len(labels), self.batch_size, 0, world))  # rank 0 has the most chunks
         feats, index, seconds = [], [], 0.0
-        from ..distributed import generation_context
         with generation_context(pl_module):
             for j in range(rounds):
                 # a rank with fewer chunks draws its last one again, unused: sharded weights need every rank in step

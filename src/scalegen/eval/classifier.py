@@ -17,6 +17,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from scalegen.data import DigitsDataModule
+from scalegen.io import load_strict, save_safetensors
+
 FEATURE_EXTRACTOR = "scalegen-digits"
 FILE_NAME = "digits_classifier.safetensors"
 SIZE = 16  # the classifier's input side (the digits are 8x8 scans); other sizes are resized to it
@@ -70,7 +73,6 @@ class DigitsClassifier(nn.Module):
 
 
 def _digits(split_seed: int = 0, val_fraction: float = 0.1):
-    from ..data import DigitsDataModule
     # at the generators' default 32 px: `prepare` then brings them to 16 px exactly as it does generated images
     data = DigitsDataModule(image_size=32, channels=1, val_fraction=val_fraction, split_seed=split_seed)
     return data.real_images("train"), data.real_images("val")
@@ -116,7 +118,6 @@ def accuracy(model: DigitsClassifier, images: torch.Tensor, labels: torch.Tensor
 
 
 def save_classifier(model: DigitsClassifier, info: dict, path: str | os.PathLike) -> Path:
-    from ..checkpoints import save_safetensors
     return save_safetensors(model.state_dict(), path, metadata={"scalegen": json.dumps(info)})
 
 
@@ -124,7 +125,6 @@ def load_classifier(path: str | os.PathLike) -> tuple[DigitsClassifier, dict]:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from ..official.table import load_strict
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"digits classifier not found: {path} (it is trained on first use by "

@@ -18,6 +18,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from scalegen.eval import classifier
+from scalegen.io import atomic_write
+
 METRICS = ("fid", "kid", "prc", "isc", "class_acc")
 EXTRACTORS = {"inception": "inception-v3-compat", "digits": "scalegen-digits"}
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -169,7 +172,6 @@ class Evaluator:
         self.opts = dict(kid_subset_size=kid_subset_size, kid_subsets=kid_subsets, prc_neighborhood=prc_neighborhood,
                          isc_splits=isc_splits, rng_seed=seed, verbose=False, save_cpu_ram=True)
         self.batch_size, self.device = batch_size, torch.device(device)
-        from . import classifier
         name = EXTRACTORS.get(feature_extractor, feature_extractor)  # or any name registered with torch-fidelity
         if name == classifier.FEATURE_EXTRACTOR:
             classifier.register()
@@ -286,7 +288,7 @@ class Evaluator:
     def score(self, feats: dict[str, torch.Tensor], labels: torch.Tensor | None = None) -> dict[str, float]:
         """Metrics of generated features (from `features`) against the reference: fid, kid, kid_std, precision,
         recall, isc, isc_std, class_acc (with `labels`, the classes the images were conditioned on)."""
-        from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric, KEY_METRIC_FID
+        from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
         from torch_fidelity.metric_isc import isc_features_to_metric
         from torch_fidelity.metric_kid import kid_features_to_metric
         from torch_fidelity.metric_prc import prc_features_to_metric
@@ -317,7 +319,6 @@ class Evaluator:
 
 
 def _atomic_numpy(path: Path, save, value) -> None:
-    from ..checkpoints import atomic_write
 
     def write(tmp):
         with open(tmp, "wb") as f:  # a file object: np.save/np.savez would otherwise append their own suffix
@@ -340,5 +341,4 @@ def export_fid_stats_to_fidelity_cache(npz: str | os.PathLike, name: str, cache_
     with np.load(npz, allow_pickle=False) as f:
         stats = {"mu": f["mu"].astype(np.float32), "sigma": f["sigma"].astype(np.float64)}
     path = Path(cache_root) / f"{name}-{feature_extractor}-stat-fid-{layer}.pt"
-    from ..checkpoints import atomic_write
     return atomic_write(path, lambda tmp: torch.save(stats, tmp))

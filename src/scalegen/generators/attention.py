@@ -2,7 +2,7 @@
 
 One attention module serves the block-causal training forward (an additive mask over the whole sequence) and
 the scale-by-scale generation (keys/values of earlier scales cached; the new scale sees them and itself, which
-is exactly the training mask). Reference: reference/VAR.md sec. 2.4-2.5.
+is exactly the training mask). Reference: VAR's models/basic_var.py:58-162.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, SwiGLU
 
-from .rope import apply_rope
+from scalegen.generators.rope import apply_rope
 
 
 def modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:

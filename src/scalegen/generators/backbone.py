@@ -10,8 +10,8 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from ..scales import VAR_256, ScaleSchedule
-from .attention import AdaLNBlock, ada_linear
+from scalegen.generators.attention import AdaLNBlock, ada_linear
+from scalegen.schedule.scales import VAR_256, ScaleSchedule
 
 
 class AdaLNTransformer(nn.Module):

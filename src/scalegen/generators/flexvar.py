@@ -2,7 +2,7 @@
 
 VAR learns one absolute position per token of its fixed schedule plus a level embedding per scale; FlexVAR keeps
 a (1, C, grid, grid) table, resizes it with `area` (adaptive average pooling) to every scale's size and has no
-level embedding (reference/FLEXVAR.md sec. 1.3-1.4; official flexvar.py:70-71,192-196,276-283). So any scale
+level embedding (official models/flexvar.py:70-71,147-162,192-196,276-283). So any scale
 list, and sizes up to and beyond the grid, run without new parameters: `set_scales` swaps the schedule in place,
 as the official `update_patch_related` does.
 
@@ -18,8 +18,8 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from ..scales import VAR_256, ScaleSchedule, area_down
-from .backbone import AdaLNTransformer
+from scalegen.generators.backbone import AdaLNTransformer
+from scalegen.schedule.scales import VAR_256, ScaleSchedule, area_down
 
 
 def sincos_table(grid: int, width: int) -> torch.Tensor:

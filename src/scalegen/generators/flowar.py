@@ -4,7 +4,7 @@ The sequence is `[class token] ++ z_proj(input of scale 2) ++ ... ++ z_proj(inpu
 conditions the head at scale k. Two stacks of blocks ("encoder"/"decoder", MAR's names; nothing is masked) with a
 learnt position table before each and one after, RMSNorms with gains between them; both stacks live in one `blocks`
 list (the first `encoder_depth` are the encoder's), so activation checkpointing and FSDP wrap them as any backbone's.
-The block-causal mask in training and the KV cache in generation give the same numbers. Reference: FLOWAR.md sec. 2.
+The block-causal mask in training and the KV cache in generation give the same numbers. Reference: FlowAR's models/flowar.py:164-449.
 """
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from ..scales import ScaleSchedule
-from .attention import AdaLNBlock, RMSNorm
-from .rope import rope_table
+from scalegen.generators.attention import AdaLNBlock, RMSNorm
+from scalegen.generators.rope import rope_table
+from scalegen.schedule.scales import ScaleSchedule
 
 
 class FlowARTransformer(nn.Module):

@@ -1,4 +1,4 @@
-"""A generator = a backbone over scales + a head; plus VAR's weight initialisation (reference/VAR.md sec. 2.8)."""
+"""A generator = a backbone over scales + a head; plus VAR's weight initialisation (VAR's models/var.py:236-286)."""
 from __future__ import annotations
 
 import torch

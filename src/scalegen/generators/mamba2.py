@@ -1,7 +1,7 @@
 """Mamba2 (Dao & Gu, 2024) as M-VAR uses it: our own chunked SSD scan in plain PyTorch, mamba-ssm's kernels on GPU.
 
 The parameters are `mamba_ssm.Mamba2`'s, name for name and shape for shape (in_proj, conv1d, dt_bias, A_log, D,
-norm.weight, out_proj), so official checkpoints load without renaming. Per token t (reference/MVAR.md sec. 1.4):
+norm.weight, out_proj), so official checkpoints load without renaming. Per token t (mamba_ssm/modules/mamba2.py, as M-VAR's basic_mvar.py:134-140 builds it):
 
     [z | xBC | dt] = in_proj(u);  x, B, C = split(SiLU(causal depthwise conv(xBC)))
     h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T ;  y_t = h_t C_t + D x_t ;  out = out_proj(RMSNorm(y * SiLU(z)))

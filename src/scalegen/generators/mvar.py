@@ -1,6 +1,6 @@
 """M-VAR's backbone (Ren et al. 2024): attention within each scale, Mamba2 across the whole sequence, then the MLP.
 
-The block is VAR's AdaLN block with a third residual branch (reference/MVAR.md sec. 1.2-1.4):
+The block is VAR's AdaLN block with a third residual branch (OliverRensu/MVAR models/basic_mvar.py:121-176):
 
     g1,g2,g3, s1,s2,s3, b1,b2,b3 = ada_lin(cond)                      (9 chunks, in the official row order)
     x += g1 * attn(LN(x)(1+s1)+b1)      bidirectional inside each scale, nothing across scales
@@ -21,11 +21,11 @@ import torch
 import torch.nn as nn
 from timm.layers import DropPath, Mlp
 
-from ..scales import VAR_256, ScaleSchedule
-from .attention import SelfAttention, ada_linear, modulate
-from .backbone import AdaLNTransformer
-from .flexvar import ScalePositions
-from .mamba2 import Mamba2, MambaState
+from scalegen.generators.attention import SelfAttention, ada_linear, modulate
+from scalegen.generators.backbone import AdaLNTransformer
+from scalegen.generators.flexvar import ScalePositions
+from scalegen.generators.mamba2 import Mamba2, MambaState
+from scalegen.schedule.scales import VAR_256, ScaleSchedule
 
 
 def block_diagonal_bias(scales: ScaleSchedule, device=None, dtype=torch.float32) -> torch.Tensor:

@@ -3,7 +3,7 @@
 Each scale's h x w tokens sit at positions `i / h * grid` (rows) and `j / w * grid` (columns), so every scale covers
 the same grid (FlowAR hard-codes grid 16: scale 2 at {0, 8}, scale 4 at {0, 4, 8, 12}). The first half of a head's
 channels rotates with the row, the second half with the column; pairs are adjacent channels (GPT-J style).
-Reference: reference/FLOWAR.md sec. 2 ("2D RoPE") and sec. 7.
+Reference: FlowAR's models/rope.py and flowar.py:164-449.
 """
 from __future__ import annotations
 

@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..generators.attention import AdaLNBeforeHead
-from ..guidance import guide
+from scalegen.generation.guidance import guide
+from scalegen.generators.attention import AdaLNBeforeHead
 
 
 class CategoricalHead(nn.Module):

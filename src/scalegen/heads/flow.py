@@ -2,7 +2,7 @@
 
 Path x_t = (1 - t) x + t eps (t = 1 is noise), velocity target eps - x, t ~ U(0, 1) once per sample and scale,
 scales weighted by token count (s_k^2 / s_K^2). Sampling starts every scale from pure noise and integrates
-t: 1 -> 0 with classifier-free guidance inside an interval of t. Reference: reference/FLOWAR.md sec. 3.
+t: 1 -> 0 with classifier-free guidance inside an interval of t. Reference: FlowAR's models/flowloss.py, sampler.py and flowmodel.py:291-365.
 """
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from ..guidance import guide
-from ..scales import ScaleSchedule
-from .flownet import FlowNet
+from scalegen.generation.guidance import guide
+from scalegen.heads.flownet import FlowNet
+from scalegen.schedule.scales import ScaleSchedule
 
 TIME_GRIDS = ("flowar", "uniform")
 

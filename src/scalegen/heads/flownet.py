@@ -3,7 +3,7 @@
 Input x_t (B, N, C) and the AR output z (B, N, D) at the same positions; output the velocity (B, N, C). Two block
 kinds: spatial AdaLN (`Block_v1`, FlowAR-S: modulations from t + c per token) and cross-attention (`Block_v2`,
 FlowAR-L/H: time-only AdaLN on self-attention, cross-attention to z, per-token AdaLN on the MLP). Every attention
-is bidirectional within the scale with 2D RoPE on the scale's grid. Reference: reference/FLOWAR.md sec. 3.
+is bidirectional within the scale with 2D RoPE on the scale's grid. Reference: FlowAR's models/flowmodel.py:291-365.
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import SwiGLU
 
-from ..generators.attention import RMSNorm, modulate
-from ..generators.rope import apply_rope, rope_angles, rope_frequencies
+from scalegen.generators.attention import RMSNorm, modulate
+from scalegen.generators.rope import apply_rope, rope_angles, rope_frequencies
 
 
 def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:

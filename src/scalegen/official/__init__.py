@@ -1,5 +1,9 @@
 """Official checkpoints in and out: one key table per release, strict loads, safetensors out."""
-from .table import CheckpointMismatch, load_strict, read_checkpoint
-from .table import convert as convert_keys
+from scalegen.io import (  # re-exported: the strict loads every table uses
+    CheckpointMismatch,
+    load_strict,
+    read_checkpoint,
+)
+from scalegen.official.table import convert as convert_keys
 
 __all__ = ["CheckpointMismatch", "convert_keys", "load_strict", "read_checkpoint"]

@@ -18,36 +18,38 @@ import json
 
 import torch
 
-from ..checkpoints import atomic_write, save_safetensors
-from ..scales import VAR_256
-from .table import read_checkpoint
-from .var import export_vae, export_var, load_vae, load_var, var_config_from_state, vae_config_from_state
+from scalegen.io import atomic_write, read_checkpoint, read_meta, save_safetensors
+from scalegen.official import flexvar, flowar
+from scalegen.official.mvar import build_mvar, export_mvar, load_mvar, mvar_config_from_state
+from scalegen.official.var import (
+    build_var,
+    export_vae,
+    export_var,
+    load_vae,
+    load_var,
+    vae_config_from_state,
+    var_config_from_state,
+)
+from scalegen.schedule.scales import VAR_256
+from scalegen.tokenizers import MultiScaleVQVAE
 
 KINDS = ("var", "mvar", "vae", "flexvar", "flexvae", "flowar", "kl16")
 FLEX_KINDS = ("flexvar", "flexvae")  # FlexVAR's transformer and tokenizer: scalegen.official.flexvar
 FLOWAR_KINDS = ("flowar", "kl16")  # FlowAR-{S,L,H}.pth and MAR's kl16.ckpt: scalegen.official.flowar
 
 
-def read_meta(path: str) -> dict:
-    from safetensors import safe_open
-    with safe_open(path, "pt") as f:
-        meta = f.metadata() or {}
-    return {"kind": meta.get("kind"), "config": json.loads(meta["config"])} if "config" in meta else {}
 
 
 def to_scalegen(kind: str, src: str, dst: str, scales=None) -> None:
     if kind in FLEX_KINDS:
-        from . import flexvar
         return flexvar.to_scalegen(kind, src, dst, scales)
     if kind in FLOWAR_KINDS:
-        from . import flowar
         return flowar.to_scalegen(kind, src, dst, scales)
     state = read_checkpoint(src)
     if kind == "var":
         config = var_config_from_state(state, scales)
         model = load_var(state, config)
     elif kind == "mvar":  # M-VAR: VAR's keys + a Mamba2 per block; attn_l2_norm read from the keys
-        from .mvar import load_mvar, mvar_config_from_state
         config = mvar_config_from_state(state, scales)
         model = load_mvar(state, config)
     else:
@@ -64,27 +66,22 @@ def to_scalegen(kind: str, src: str, dst: str, scales=None) -> None:
 
 def to_official(kind: str, src: str, dst: str) -> None:
     if kind in FLEX_KINDS:
-        from . import flexvar
         return flexvar.to_official(kind, src, dst)
     if kind in FLOWAR_KINDS:
-        from . import flowar
         return flowar.to_official(kind, src, dst)
     from safetensors.torch import load_file
     meta = read_meta(src)
     if meta.get("kind") != kind:
         raise ValueError(f"{src} holds kind {meta.get('kind')!r}, not {kind!r}")
     if kind == "var":
-        from .var import build_var
         model = build_var(meta["config"])
         model.load_state_dict(load_file(src), strict=True)
         state = export_var(model)
     elif kind == "mvar":
-        from .mvar import build_mvar, export_mvar
         model = build_mvar(meta["config"])
         model.load_state_dict(load_file(src), strict=True)
         state = export_mvar(model)
     else:
-        from ..tokenizers import MultiScaleVQVAE
         model = MultiScaleVQVAE(**meta["config"])
         model.load_state_dict(load_file(src), strict=True)
         state = export_vae(model)

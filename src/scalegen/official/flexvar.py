@@ -2,7 +2,7 @@
 trainer's `{'trainer': {'var_wo_ddp': ...}}`; both are read by `read_checkpoint`).
 
 FlexVAE's names are LlamaGen's, which `scalegen.tokenizers.FlexVAE` keeps: its table is the identity. The
-transformer's names are VAR's without the level embedding (reference/FLEXVAR.md sec. 4); the stored
+transformer's names are VAR's without the level embedding (the released FlexVARd*-epo*.pth); the stored
 `attn_bias_for_masking` holds whatever schedule the trainer ran last, so it is rebuilt, never loaded.
 """
 from __future__ import annotations
@@ -12,13 +12,15 @@ from pathlib import Path
 
 import torch
 
-from ..generators import Generator
-from ..generators.flexvar import ScaleFreeTransformer
-from ..heads import CategoricalHead
-from ..scales import VAR_256, ScaleSchedule
-from ..tokenizers.flexvq import FlexVAE
-from .table import Rule, convert, load_strict, read_checkpoint
-from .var import VAR_TABLE
+from scalegen.generators import Generator
+from scalegen.generators.flexvar import ScaleFreeTransformer
+from scalegen.heads import CategoricalHead
+from scalegen.io import atomic_write, load_strict, read_checkpoint, read_meta, save_safetensors
+from scalegen.official.table import Rule, convert
+from scalegen.official.var import VAR_TABLE
+from scalegen.schedule.direct_vq import DirectVQComposition
+from scalegen.schedule.scales import VAR_256, ScaleSchedule
+from scalegen.tokenizers.flexvq import FlexVAE
 
 FLEXVAE_TABLE: list[Rule] = [("{rest}", "{rest}")]  # LlamaGen VQ-16 names on both sides
 
@@ -112,7 +114,6 @@ def _read(path: str, kind: str):
     """(state dict, config or None): a converted safetensors carries scalegen names and its config."""
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
-        from .convert import read_meta
         meta = read_meta(path)
         if meta.get("kind") != kind:
             raise ValueError(f"{path}: not a converted {kind} checkpoint (metadata kind {meta.get('kind')!r})")
@@ -143,7 +144,6 @@ def read_flexvae(path: str) -> FlexVAE:
 def is_flexvar_file(path: str) -> bool:
     """A FlexVAR release or its conversion; the release is memory-mapped, so asking costs no full read."""
     if path.endswith(".safetensors"):
-        from .convert import read_meta
         return read_meta(path).get("kind") == "flexvar"
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -155,24 +155,22 @@ def is_flexvar_file(path: str) -> bool:
     return isinstance(obj, dict) and is_flexvar_state(obj)
 
 
-def load_module(path: str, vae_path: str | None):
-    """An official FlexVAR release (or its conversion) + FlexVAE -> a GeneratorModule with the official sampling defaults."""
-    from ..direct_vq import DirectVQComposition
-    from ..module import GeneratorModule
+def load_flexvar_release(path: str, vae_path: str | None):
+    """An official FlexVAR release (or its conversion) + FlexVAE -> (tokenizer, generator, composition, the official
+    sampling defaults)."""
     if vae_path is None:
         raise ValueError(f"{path} is an official FlexVAR release (or its conversion): also give the tokenizer, "
                          "e.g. vae_ckpt=/path/to/FlexVAE.pth")
     generator = read_flexvar(path)
     vae = read_flexvae(vae_path)
     composition = DirectVQComposition(vae, generator.backbone.scales.sizes)
-    return GeneratorModule(vae, generator, composition, ema_decay=None, sample=dict(OFFICIAL_SAMPLE))
+    return vae, generator, composition, dict(OFFICIAL_SAMPLE)
 
 
 # ---- the converter (python -m scalegen.official.convert flexvar|flexvae ...) -----------------------------------------
 
 
 def to_scalegen(kind: str, src: str, dst: str, scales=None) -> None:
-    from ..checkpoints import save_safetensors
     state = read_checkpoint(src)
     if kind == "flexvar":
         config = flexvar_config_from_state(state, scales)
@@ -186,7 +184,6 @@ def to_scalegen(kind: str, src: str, dst: str, scales=None) -> None:
 
 
 def to_official(kind: str, src: str, dst: str) -> None:
-    from ..checkpoints import atomic_write
     if kind == "flexvar":
         state = export_flexvar(read_flexvar(src))
     else:

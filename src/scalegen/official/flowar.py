@@ -2,7 +2,7 @@
 
 The buffers `mask` (the block-causal mask) and `*.rope.freqs` are rebuilt from the schedule and the head size;
 a file whose buffers disagree with the rebuilt ones is refused (a different schedule or RoPE than scalegen's).
-Reference: reference/FLOWAR.md sec. 6; key lists in shared/parity/keys/keys_flowar_{small,large,huge}.txt.
+Reference: the state dict of FlowAR's models/flowar.py:164-449, as the released files hold it.
 """
 from __future__ import annotations
 
@@ -10,12 +10,16 @@ import math
 
 import torch
 
-from ..generators import Generator
-from ..generators.flowar import FlowARTransformer
-from ..generators.rope import rope_frequencies
-from ..heads.flow import FlowHead
-from ..scales import ScaleSchedule, doubling
-from .table import Rule, convert, load_strict
+from scalegen.generators import Generator
+from scalegen.generators.flowar import FlowARTransformer
+from scalegen.generators.rope import rope_frequencies
+from scalegen.heads.flow import FlowHead
+from scalegen.io import atomic_write, load_strict, read_checkpoint, read_meta, save_safetensors
+from scalegen.official.kl16 import export_kl, kl_config_from_state, load_kl
+from scalegen.official.table import Rule, convert
+from scalegen.schedule.direct import DirectComposition
+from scalegen.schedule.scales import ScaleSchedule, doubling
+from scalegen.tokenizers.kl import AutoencoderKL
 
 FLOWAR_TABLE: list[Rule] = [
     ("mask", None),  # the block-causal mask, rebuilt from the schedule
@@ -178,14 +182,10 @@ def read_flowar_release(path: str) -> dict | None:
 
 
 def _load_kl_file(path: str):
-    from ..tokenizers.kl import AutoencoderKL
-    from .kl16 import load_kl
-    from .table import read_checkpoint
 
     if path.endswith(".safetensors"):  # converted by `convert kl16`: scalegen names + config metadata
         from safetensors.torch import load_file
 
-        from .convert import read_meta
         vae = AutoencoderKL(**read_meta(path)["config"])
         load_strict(vae, load_file(path), f"tokenizer {path}")
         return vae.eval().requires_grad_(False)
@@ -198,12 +198,10 @@ def load_flowar_release(path: str, vae_path: str | None):
     what the generator's z_proj reads."""
     from pathlib import Path
 
-    from ..compositions_direct import DirectComposition
 
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
-        from .convert import read_meta
         meta = read_meta(path)
         if meta.get("kind") != "flowar":
             return None
@@ -231,9 +229,6 @@ def load_flowar_release(path: str, vae_path: str | None):
 def to_scalegen(kind: str, src: str, dst: str, scales=None) -> None:
     import json
 
-    from ..checkpoints import save_safetensors
-    from .kl16 import kl_config_from_state, load_kl
-    from .table import read_checkpoint
 
     state = read_checkpoint(src)
     if kind == "flowar":
@@ -250,10 +245,6 @@ def to_scalegen(kind: str, src: str, dst: str, scales=None) -> None:
 def to_official(kind: str, src: str, dst: str) -> None:
     from safetensors.torch import load_file
 
-    from ..checkpoints import atomic_write
-    from ..tokenizers.kl import AutoencoderKL
-    from .convert import read_meta
-    from .kl16 import export_kl
 
     meta = read_meta(src)
     if meta.get("kind") != kind:

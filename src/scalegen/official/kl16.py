@@ -1,12 +1,13 @@
 """MAR's `kl16.ckpt` (the KL-16 VAE FlowAR uses): the file holds a state dict of 312 tensors under "model".
 
 scalegen's `AutoencoderKL` keeps the official module names, so the table is the identity; the sizes (channels,
-levels, where attention sits) are read from the keys. Reference: reference/FLOWAR.md sec. 5, keys_kl16.txt.
+levels, where attention sits) are read from the keys. Reference: MAR's models/vae.py (FlowAR's copy is identical).
 """
 from __future__ import annotations
 
-from ..tokenizers.kl import AutoencoderKL
-from .table import Rule, convert, load_strict
+from scalegen.io import load_strict
+from scalegen.official.table import Rule, convert
+from scalegen.tokenizers.kl import AutoencoderKL
 
 KL16_TABLE: list[Rule] = [
     ("{rest}", "{rest}"),  # encoder.*, decoder.*, quant_conv, post_quant_conv: the LDM names, unchanged

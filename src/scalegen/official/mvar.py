@@ -11,11 +11,12 @@ import math
 
 import torch
 
-from ..generators import Generator
-from ..generators.mvar import MambaAdaLNTransformer, block_diagonal_bias
-from ..heads import CategoricalHead
-from .table import Rule, convert, load_strict
-from .var import VAR_TABLE, var_config_from_state
+from scalegen.generators import Generator
+from scalegen.generators.mvar import MambaAdaLNTransformer, block_diagonal_bias
+from scalegen.heads import CategoricalHead
+from scalegen.io import load_strict
+from scalegen.official.table import Rule, convert
+from scalegen.official.var import VAR_TABLE, var_config_from_state
 
 MVAR_TABLE: list[Rule] = [
     ("blocks.{i}.attn.patch_nums", None),  # token count per scale: derived from the schedule

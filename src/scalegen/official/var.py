@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 
-from ..generators import AdaLNTransformer, Generator
-from ..heads import CategoricalHead
-from ..scales import VAR_256, VAR_512, VAR_1024, ScaleSchedule
-from ..tokenizers import MultiScaleVQVAE
-from .table import Rule, convert, load_strict
+from scalegen.generators import AdaLNTransformer, Generator
+from scalegen.heads import CategoricalHead
+from scalegen.io import load_strict, read_checkpoint
+from scalegen.official.table import Rule, convert
+from scalegen.schedule.scales import VAR_256, VAR_512, VAR_1024, ScaleSchedule
+from scalegen.tokenizers import MultiScaleVQVAE
 
 VAE_TABLE: list[Rule] = [
     ("quantize.ema_vocab_hit_SV", "quantize.usage_ema"),
@@ -137,3 +139,23 @@ def export_vae(vae: MultiScaleVQVAE) -> dict:
     table = [VAE_TABLE[0], VAE_TABLE[1 + [2, 1, 0].index(mode)], VAE_TABLE[-1]]
     state, _ = convert(vae.state_dict(), table, reverse=True)
     return state
+
+
+def load_tokenizer_weights(tokenizer: torch.nn.Module, path) -> None:
+    """Tokenizer weights from a scalegen export (.safetensors), a scalegen training checkpoint or an official release."""
+    path = str(path)
+    if not Path(path).exists():
+        raise FileNotFoundError(f"tokenizer checkpoint not found: {path}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True) if path.endswith(".ckpt") else None
+    if ckpt is not None and "state_dict" in ckpt:  # a scalegen training checkpoint (MAR's kl16.ckpt is {"model": ...})
+        prefix = "tokenizer."
+        state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    else:
+        state = read_checkpoint(path)
+    if any(k.startswith("quantize.quant_resi") or k == "quantize.ema_vocab_hit_SV" for k in state):  # VAR's release layout
+        state, _ = convert(state, VAE_TABLE)
+        usage = getattr(getattr(tokenizer, "quantize", None), "usage_ema", None)
+        if usage is not None and state.get("quantize.usage_ema", usage).shape != usage.shape:
+            state["quantize.usage_ema"] = usage
+    load_strict(tokenizer, state, f"tokenizer checkpoint {path}")
+    tokenizer.eval().requires_grad_(False)

@@ -2,7 +2,7 @@
 
 No residual and no phi: the tokens of scale k are the nearest codes of the latent area-downsampled to that scale,
 so every scale is a complete image and any single scale decodes on its own (a pn x pn map gives a 16*pn px image).
-Reference: reference/FLEXVAR.md sec. 1.2; official models/vq_llama.py.
+Reference: FlexVAR's models/vq_llama.py (LlamaGen's vq_model.py plus the multi-scale methods).
 
 Training (official code never released): in train mode `forward` quantises and decodes the finest scale plus
 `train_scales` random coarser ones and returns the reconstructions coarse to fine, which
@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..scales import ScaleSchedule, area_down
-from .llamagen import LlamaGenDecoder, LlamaGenEncoder
+from scalegen.schedule.scales import ScaleSchedule, area_down
+from scalegen.tokenizers.llamagen import LlamaGenDecoder, LlamaGenEncoder
 
 
 class L2Quantizer(nn.Module):

@@ -3,7 +3,7 @@
 The residual, down/up-sampling blocks are the shared ones of `blocks.py`; what differs from VAR's VQVAE is the
 attention block (separate 1x1 q/k/v convs, as in the `kl16.ckpt` keys), where attention sits (by resolution, MAR's
 `attn_resolutions`: encoder at 16, decoder only in the middle) and the doubled encoder output (mean | logvar).
-Reference: reference/FLOWAR.md sec. 5.
+Reference: MAR's models/vae.py:450-461 (FlowAR ships the same file).
 """
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from . import blocks as shared
-from .blocks import Downsample, ResnetBlock, Upsample, _level, group_norm
+from scalegen.tokenizers import blocks as shared
+from scalegen.tokenizers.blocks import Downsample, ResnetBlock, Upsample, _level, group_norm
 
 LATENT_MODES = ("sample", "mean")
 

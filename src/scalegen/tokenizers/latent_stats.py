@@ -16,6 +16,9 @@ from pathlib import Path
 
 import torch
 
+from scalegen.build import build_tokenizer
+from scalegen.io import resolve_path
+
 
 @torch.no_grad()
 def latent_moments(tokenizer: torch.nn.Module, batches, max_batches: int | None = None,
@@ -55,7 +58,6 @@ def measure_scale_factor(cfg, data, tokenizer_ckpt: str | None, max_batches: int
     """Build the configured tokenizer (weights from `tokenizer_ckpt`) and measure it on `data`'s training set."""
     from omegaconf import OmegaConf
 
-    from ..build import build_tokenizer
 
     tok_cfg = OmegaConf.merge(cfg, {"tokenizer": {"scale_factor": 1.0}}) if "scale_factor" in cfg.tokenizer else cfg
     tokenizer = build_tokenizer(tok_cfg, tokenizer_ckpt).eval()
@@ -81,7 +83,6 @@ def main(argv: list[str] | None = None) -> None:
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from ..build import resolve_path
 
     args = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in args):

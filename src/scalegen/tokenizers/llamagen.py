@@ -13,8 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .blocks import Downsample, Upsample, group_norm
-from .blocks import ResnetBlock as _ResnetBlock
+from scalegen.tokenizers.blocks import Downsample, ResnetBlock as _ResnetBlock, Upsample, group_norm
 
 
 def swish(x: torch.Tensor) -> torch.Tensor:

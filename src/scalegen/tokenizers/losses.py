@@ -1,7 +1,7 @@
 """Losses for tokenizer training: the PatchGAN discriminator with its hinge loss, and LPIPS-VGG16 (the VQGAN recipe).
 
 VAR trains its VQVAE with L2 + perceptual + GAN losses (paper sec. 3) but released no training code
-(reference/VAR.md 1.11); these follow taming-transformers / LPIPS, which the paper builds on.
+(VAR's vqvae.py:56-59 and quant.py:52-104 are all the training code it has); these follow taming-transformers / LPIPS, which the paper builds on.
 
 Nothing here downloads: `Perceptual` reads one local file. Build it once from the two official files with
 

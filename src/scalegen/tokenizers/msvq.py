@@ -2,7 +2,7 @@
 
 Encoding quantises the residual at each scale (area-down), upsamples the chosen codes to the latent size
 (bicubic), refines them with a phi conv and subtracts them from the residual. The generator is taught from the
-area-downsampled running sum f_hat of coarser scales (VAR paper, Alg. 1-2; reference/VAR.md sec. 1.5-1.9).
+area-downsampled running sum f_hat of coarser scales (VAR paper, Alg. 1-2; VAR's models/quant.py:15-196).
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..scales import VAR_256, ScaleSchedule, area_down, bicubic_up
-from .blocks import Decoder, Encoder
+from scalegen.schedule.scales import VAR_256, ScaleSchedule, area_down, bicubic_up
+from scalegen.tokenizers.blocks import Decoder, Encoder
 
 # The released 4-phi model at 10 scales: scales 2 and 7 are exact ties between two ticks, resolved this way by
 # the official float64 numpy argmin; a float32 recomputation flips them, so the table is pinned.
@@ -242,7 +242,7 @@ class MultiScaleVQVAE(nn.Module):
         f_hat, vq_loss, hits = self.quantize(self.encode(img))
         return self.decode(f_hat, clamp=False), vq_loss, hits
 
-    # -- the seam used by the generator (see scalegen.composition) ---------------------------------------------
+    # -- the seam used by the generator (see scalegen.schedule.residual) ---------------------------------------------
     def img_to_idx(self, img: torch.Tensor, scales=None) -> list[torch.Tensor]:
         return self.quantize.quantize(self.encode(img), scales)
 

@@ -1,6 +1,6 @@
 """Tokenizer training: reconstruction + tokenizer aux loss + LPIPS + PatchGAN hinge, the VQGAN recipe.
 
-VAR describes an L2 + perceptual + GAN compound loss but released no tokenizer training (reference/VAR.md 1.11).
+VAR describes an L2 + perceptual + GAN compound loss but released no tokenizer training (its vqvae.py:56-59 and quant.py:52-104 hold only the VQ loss).
 Any tokenizer whose `forward(img)` returns `(recon, aux_loss, stats)` trains here: the VQ tokenizers return their
 VQ loss and per-scale hit counts, a KL VAE its KL term; `recon` may be a list, one per scale (FlexVAE).
 """
@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.utils import make_grid, save_image
 
-from .losses import PatchDiscriminator, Perceptual, hinge_d_loss
+from scalegen.tokenizers.losses import PatchDiscriminator, Perceptual, hinge_d_loss
 
 
 def psnr(recon: torch.Tensor, img: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@
 The target of scale k is the latent area-downsampled to s_k (the last scale: the latent itself); the input of
 scale k+1 is scale k's map bicubic-upsampled to the full latent size, then area-downsampled to s_{k+1}
 (flowar.py:355, "Up(s_k, 2)" in the paper, done as in VAR). Tokens are (B, h*w, C), row-major, channels last.
-Reference: reference/FLOWAR.md sec. 1.
+Reference: FlowAR's models/flowar.py:283-291 (patchify) and :355.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from .scales import ScaleSchedule, area_down, bicubic_up
+from scalegen.schedule.scales import ScaleSchedule, area_down, bicubic_up
 
 
 def to_tokens(x: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,8 @@ import random
 from contextlib import contextmanager
 from typing import Sequence
 
-from .scales import VAR_256, ScaleSchedule
+from scalegen.errors import ConfigError
+from scalegen.schedule.scales import VAR_256, ScaleSchedule
 
 # why a part cannot change its schedule, for the error message (by class name; others get the generic reason)
 _WHY_FIXED = {
@@ -51,7 +52,6 @@ def check_scales(scales, *parts, key: str = "scales") -> ScaleSchedule | None:
         return None
     fixed = fixed_parts(*parts)
     if fixed:
-        from .build import ConfigError
         shown = [h if h == w else [h, w] for h, w in sched.sizes]
         raise ConfigError(f"{key}={shown}: this model runs only on the scales it was built with; " + "; ".join(fixed))
     return sched

@@ -1,7 +1,7 @@
 """Encode a dataset once with a tokenizer into sharded, memory-mappable latents (format: scalegen.data.latents).
 
-    python -m scalegen.cache_latents OUT [config overrides] [--processes N] [--shard-size S] [--batch-size B]
-    python -m scalegen.cache_latents /cache/in256-kl16 data=imagefolder data.root=/imagenet tokenizer=kl16 \\
+    python -m scalegen.scaleout.cache_latents OUT [config overrides] [--processes N] [--shard-size S] [--batch-size B]
+    python -m scalegen.scaleout.cache_latents /cache/in256-kl16 data=imagefolder data.root=/imagenet tokenizer=kl16 \\
         tokenizer_ckpt=kl16.ckpt --processes 8
 
 The overrides compose `configs/train.yaml` as `train.py` does (data, tokenizer, tokenizer_ckpt). Each image is
@@ -23,9 +23,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .data.latents import FORMAT
+from scalegen.build import build_tokenizer
+from scalegen.data.imagefolder import ImageFiles, collate_skipping
+from scalegen.data.latents import FORMAT
+from scalegen.io import resolve_path
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 
 
 class _TensorPairs(Dataset):
@@ -45,7 +48,6 @@ def source_dataset(data, split: str) -> Dataset:
     if hasattr(data, "real_images"):  # in-memory sets (digits)
         return _TensorPairs(*data.real_images(split))
     if hasattr(data, "train_samples"):  # image folders: centre crop, no flip (the flip is cached separately)
-        from .data.imagefolder import ImageFiles
         return ImageFiles(data.train_samples if split == "train" else data.val_samples, data.transform(train=False))
     raise ValueError(f"data: {type(data).__name__} has no un-augmented image source to cache (real_images or "
                      "train_samples)")
@@ -72,10 +74,8 @@ def shard_names(k: int) -> tuple[str, str]:
 
 def encode_shards(job: dict[str, Any], shard_ids: list[int], report: Callable[[int], None]) -> None:
     """One worker: encode the given shards of one split (skipping finished ones)."""
-    from omegaconf import OmegaConf
     from hydra.utils import instantiate
-    from .build import build_tokenizer
-    from .data.imagefolder import collate_skipping
+    from omegaconf import OmegaConf
 
     torch.set_num_threads(job["threads"])
     cfg = OmegaConf.create(job["cfg"])
@@ -158,7 +158,6 @@ def run(args) -> Path:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-    from .build import resolve_path
 
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = compose("train", overrides=args.overrides)
@@ -223,7 +222,7 @@ def run(args) -> Path:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m scalegen.cache_latents", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m scalegen.scaleout.cache_latents", description=__doc__.split("\n\n")[0])
     p.add_argument("out", help="cache folder (train/ and val/ are made inside)")
     p.add_argument("overrides", nargs="*", help="config overrides, as for train.py (data=..., tokenizer=..., "
                                                  "tokenizer_ckpt=...)")

@@ -2,14 +2,14 @@
 that scale, quantised on its own; the input of scale k is scale k-1's codewords upsampled (bicubic).
 
 Nothing accumulates across scales, so the schedule is free: any list of sizes (`set_scales`), and the image is
-decoded from the last scale's tokens alone (reference/FLEXVAR.md sec. 1.1; official trainer.py:57-86 and
+decoded from the last scale's tokens alone (official trainer.py:57-86 and
 flexvar.py:243-255).
 """
 from __future__ import annotations
 
 import torch
 
-from .scales import ScaleSchedule, bicubic_up
+from scalegen.schedule.scales import ScaleSchedule, bicubic_up
 
 
 class DirectVQComposition:

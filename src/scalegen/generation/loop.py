@@ -5,8 +5,8 @@ from typing import Callable
 
 import torch
 
-from .anyscale import using_scales
-from .guidance import guidance_strength
+from scalegen.generation.guidance import guidance_strength
+from scalegen.schedule.anyscale import using_scales
 
 Inspect = Callable[[int, str, torch.Tensor], None]
 Constrain = Callable[[int, torch.Tensor, "torch.Tensor | None"], tuple]
@@ -25,10 +25,10 @@ def generate(backbone, head, composition, labels: torch.Tensor, *, cfg: float = 
     intermediate tensors (parity tests, debugging).
 
     `scales` runs this call on another schedule: any steps, any final size (models whose parts allow it, see
-    scalegen.anyscale). FlexVAR's rules, off by default (None or 0): the guidance ramp reaches cfg at step
+    scalegen.schedule.anyscale). FlexVAR's rules, off by default (None or 0): the guidance ramp reaches cfg at step
     `ratio_steps` (si / min(S-1, ratio_steps), so longer lists go past cfg); scales larger than `max_side` get
     constant guidance and, like sides not in `trained_sides`, the head's `greedy_options` (if it has any).
-    `constrain(si, targets, soft)` may replace sampled targets before they are used (scalegen.editing).
+    `constrain(si, targets, soft)` may replace sampled targets before they are used (scalegen.generation.editing).
     """
     with using_scales(scales, backbone, composition):
         return _generate(backbone, head, composition, labels, cfg, cfg_schedule, generator, inspect, ratio_steps,

@@ -19,8 +19,11 @@ import torchvision.utils as vutils
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from .build import resolve_path
-from .pretrained import load_generator
+from scalegen.eval.metrics import to_uint8 as to_uint8_nchw
+from scalegen.generation.chunks import chunks, generate_chunk, shard_from_env
+from scalegen.generation.editing import sample_options
+from scalegen.io import atomic_write, resolve_path
+from scalegen.pretrained import load_generator
 
 # config keys handed to `GeneratorModule.generate` (None: the checkpoint's own default)
 SAMPLER_KEYS = ("cfg", "cfg_schedule", "top_k", "top_p", "more_smooth",
@@ -31,42 +34,7 @@ GRID_CLASSES, GRID_PER_CLASS = 10, 8  # the grid shows the first images of the f
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """(B,3,H,W) in [0,1] -> (B,H,W,3) uint8, rounded as the ADM reference batches are."""
-    from .eval.metrics import to_uint8 as to_uint8_nchw
     return to_uint8_nchw(images).permute(0, 2, 3, 1).cpu().numpy()
-
-
-# -- the plan: which image is drawn with which seed, by which process --------------------------------------------------
-def chunk_seed(seed: int, start: int) -> int:
-    """The seed of the chunk that begins at image `start`."""
-    return seed * 1_000_003 + start
-
-
-def chunks(n: int, batch_size: int, shard: int = 0, num_shards: int = 1) -> list[tuple[int, int]]:
-    """(start, stop) of the chunks process `shard` of `num_shards` draws, round robin over the index order."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if not 0 <= shard < num_shards:
-        raise ValueError(f"shard {shard} is outside 0..{num_shards - 1} (num_shards={num_shards})")
-    return [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)][shard::num_shards]
-
-
-def shard_from_env(shard: int | None = None, num_shards: int | None = None) -> tuple[int, int]:
-    """The config's shard/num_shards, else torchrun's RANK/WORLD_SIZE, else SLURM's PROCID/NTASKS, else (0, 1)."""
-    if num_shards is None:
-        for rank, world in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
-            if os.environ.get(world):
-                shard, num_shards = int(os.environ.get(rank, 0)) if shard is None else shard, int(os.environ[world])
-                break
-        else:
-            num_shards = 1
-    shard = 0 if shard is None else shard
-    chunks(0, 1, shard, num_shards)  # validates
-    return shard, num_shards
-
-
-def generate_chunk(module, labels: Sequence[int], start: int, seed: int, use_ema: bool = True, **options) -> torch.Tensor:
-    """The images (B,3,H,W) in [0,1] of the chunk beginning at image `start`."""
-    return module.generate(list(labels), seed=chunk_seed(seed, start), use_ema=use_ema, **options)
 
 
 # -- the command -------------------------------------------------------------------------------------------------------
@@ -113,18 +81,15 @@ def check_manifest(out: Path, manifest: dict) -> None:
             raise ValueError(f"{out} holds images drawn with other settings ({lines}): use another out_dir, or the "
                              "same settings to resume")
     else:
-        from .checkpoints import atomic_write
         atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
 
 
 def write_png(array: np.ndarray, path: Path) -> None:
-    from .checkpoints import atomic_write  # a kill mid-write leaves no truncated PNG that a resume would trust
     atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
 
 
 def pack(out: Path, labels: Sequence[int], per_row: int) -> Path:
     """samples.npz (arr_0: uint8 NHWC in index order, labels) and grid.png from the PNGs."""
-    from .checkpoints import atomic_write
     first = np.asarray(Image.open(out / "images" / image_name(0, labels[0])).convert("RGB"))
     arr = np.empty((len(labels), *first.shape), dtype=np.uint8)  # filled in place: 50k 256px images are 9.8 GB
     for i, label in enumerate(labels):
@@ -154,7 +119,6 @@ def sample_to_folder(cfg: DictConfig) -> Path:
     module = load_generator(resolve_path(cfg.ckpt), resolve_path(cfg.vae_ckpt), pick_device(cfg.device))
     labels = sampling_labels(cfg, module.num_classes)
     opts = sampling_options(cfg)
-    from .editing import sample_options
     extra = sample_options(cfg, module, opts)  # `scales` checked before any drawing; image-to-image (`edit`)
     out = Path(cfg.out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """The generator LightningModule: frozen tokenizer, teacher-forced training, EMA, and `generate`.
 
 It only orchestrates: the tokenizer makes targets, the composition makes inputs, the backbone and head make the
-loss; `scalegen.sampling.generate` is the one sampling loop.
+loss; `scalegen.generation.loop.generate` is the one sampling loop.
 """
 from __future__ import annotations
 
@@ -14,9 +14,11 @@ import lightning as L
 import torch
 import torchvision.utils as vutils
 
-from .anyscale import using_scales
-from .optim import apply_schedule, param_groups
-from .sampling import generate, random_labels
+from scalegen.data.latents import batch_latent
+from scalegen.generation.loop import generate, random_labels
+from scalegen.scaleout.distributed import configure_generator, generation_context, is_sharded
+from scalegen.schedule.anyscale import using_scales
+from scalegen.training.optim import apply_schedule, param_groups
 
 
 class GeneratorModule(L.LightningModule):
@@ -39,7 +41,7 @@ class GeneratorModule(L.LightningModule):
         self.config = config  # the resolved run config, stored in every checkpoint so sample.py can rebuild the model
         self.nonfinite_in_row = 0
         self.nonfinite_total = 0
-        self.activation_checkpointing = activation_checkpointing  # applied in configure_model (scalegen.distributed)
+        self.activation_checkpointing = activation_checkpointing  # applied in configure_model (scalegen.scaleout.distributed)
         self.train_scales = train_scales  # None, or a callable giving each training step's schedule (FlexVAR's)
 
     @property
@@ -54,7 +56,6 @@ class GeneratorModule(L.LightningModule):
     # -- data -> targets -------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
         """Activation checkpointing, and FSDP2 sharding per transformer block under trainer=fsdp."""
-        from .distributed import configure_generator
         configure_generator(self)
 
     @torch.no_grad()
@@ -67,7 +68,6 @@ class GeneratorModule(L.LightningModule):
 
     def _loss(self, batch, drop_labels: bool):
         if isinstance(batch, dict):  # cached latents (scalegen.data.latents): no image, no tokenizer.encode
-            from .data.latents import batch_latent
             labels, targets, inputs = batch["labels"], *self.prepare(None, batch_latent(self.tokenizer, batch))
         else:
             images, labels = batch
@@ -116,7 +116,6 @@ class GeneratorModule(L.LightningModule):
                 self.log(f"{split}_scale/{name}_s{si}", v[name], **kw)
 
     def on_validation_epoch_end(self):
-        from .distributed import generation_context, is_sharded
         if self.trainer.sanity_checking or not (self.trainer.is_global_zero or is_sharded(self)):
             return  # sharded weights: every rank takes part in generating, rank 0 writes
         out = Path(self.trainer.default_root_dir) / "samples"

@@ -1,6 +1,6 @@
 """Consolidate a sharded (FSDP2 / DCP) checkpoint folder into one file that `sample.py` and `load_generator` read.
 
-    python -m scalegen.consolidate outputs/run/checkpoints/last.ckpt last.full.ckpt [--keep-optimizer]
+    python -m scalegen.scaleout.consolidate outputs/run/checkpoints/last.ckpt last.full.ckpt [--keep-optimizer]
 
 Lightning's own consolidation script expects FSDP1's layout (a `model` key) and fails on ModelParallelStrategy
 folders; `torch.distributed.checkpoint.format_utils.dcp_to_torch_save` reads them. The trainer metadata
@@ -46,7 +46,7 @@ def consolidate(folder: str | os.PathLike, out: str | os.PathLike, keep_optimize
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m scalegen.consolidate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m scalegen.scaleout.consolidate", description=__doc__.split("\n\n")[0])
     p.add_argument("folder", help="sharded checkpoint folder (e.g. checkpoints/last.ckpt/ under trainer=fsdp)")
     p.add_argument("out", help="the single-file checkpoint to write")
     p.add_argument("--keep-optimizer", action="store_true", help="also keep the optimizer state (by parameter name)")

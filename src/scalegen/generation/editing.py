@@ -1,9 +1,9 @@
 """Image-to-image with any scale-wise model: refinement, in-painting, out-painting and expansion.
 
-FlexVAR's paper shows these; its code ships none (reference/FLEXVAR.md sec. 1.8), so this is our procedure: the
+FlexVAR's paper shows these; its code ships none (the only entry point is models/flexvar.py autoregressive_infer_cfg), so this is our procedure: the
 input image is tokenised at every scale of the schedule (`composition.targets`), and at each scale the tokens of
 the known region come from it while only the others are sampled (`KnownTokens`, the `constrain` hook of
-`scalegen.sampling.generate`); the next scale's input is built from the merged tokens, so the model sees the input
+`scalegen.generation.loop.generate`); the next scale's input is built from the merged tokens, so the model sees the input
 image wherever it is known. A token is known where its area is covered by the mask (share >= `threshold`);
 refinement keeps the first `keep_scales` scales whole. Nothing here depends on the method: discrete or continuous
 targets, residual or not (a model tied to its schedule only refuses another `scales`).
@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .anyscale import check_scales, using_scales
-from .scales import ScaleSchedule, area_down
+from scalegen.io import resolve_path
+from scalegen.schedule.anyscale import check_scales, using_scales
+from scalegen.schedule.scales import ScaleSchedule, area_down
 
 
 def token_masks(mask: torch.Tensor | None, scales, batch: int = 1, threshold: float = 1.0,
@@ -126,7 +127,6 @@ def sample_options(cfg, module, opts: dict) -> dict:
     edit_cfg = cfg.get("edit") or {}
     if not edit_cfg.get("image"):
         return {}
-    from .build import resolve_path
     scales = opts.get("scales")
     down = module.tokenizer.downsample
     final = ScaleSchedule.of(scales or module.composition.scales).final

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .scales import ScaleSchedule
+from scalegen.schedule.scales import ScaleSchedule
 
 
 class ResidualComposition:

@@ -1,19 +1,19 @@
 """What `train.py` does: check the config, train the tokenizer if none is given, then the generator."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import warnings
+from pathlib import Path
 
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from lightning.pytorch.loggers import CSVLogger
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
-from .build import ConfigError, build_module, build_tokenizer, check_generator_config, check_node, resolve_path
-from .checkpoints import AtomicCheckpointIO, save_safetensors
+from scalegen.errors import ConfigError
+from scalegen.io import AtomicCheckpointIO, resolve_path, save_safetensors
+from scalegen.scaleout.slurm import cluster_plugins_and_callbacks
 
 
 def output_dir(cfg: DictConfig) -> Path:
@@ -35,7 +35,6 @@ def make_trainer(cfg_trainer: DictConfig, out: Path, cfg: DictConfig, **override
     if "logger" not in overrides:
         overrides["logger"] = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None] or False
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    from .slurm import cluster_plugins_and_callbacks  # under submitit: one agreed pre-timeout signal (ECOSYSTEM.md)
     plugins, more_callbacks = cluster_plugins_and_callbacks()
     return instantiate(cfg_trainer, default_root_dir=str(out), callbacks=callbacks + more_callbacks,
                        plugins=[AtomicCheckpointIO(), *plugins], **overrides)
@@ -43,7 +42,8 @@ def make_trainer(cfg_trainer: DictConfig, out: Path, cfg: DictConfig, **override
 
 def train_tokenizer(cfg: DictConfig, data, out: Path) -> Path:
     """Train the configured tokenizer on the run's data; returns its weights file (reused when already there)."""
-    from .tokenizers.train import TokenizerModule
+    from scalegen.build import build_tokenizer  # model code: see train()
+    from scalegen.tokenizers.train import TokenizerModule
 
     target = out / "tokenizer.safetensors"
     if target.exists() and cfg.resume:
@@ -65,6 +65,11 @@ def train_tokenizer(cfg: DictConfig, data, out: Path) -> Path:
 
 
 def train(cfg: DictConfig) -> None:
+    # Model code loads when a run starts, not when this module is imported: it pulls in timm, and timm imports wandb
+    # whenever wandb is installed, which the csv-only default must not do.
+    from scalegen.build import build_module, check_generator_config, check_node
+    from scalegen.scaleout.distributed import generation_context, is_sharded, recover
+    from scalegen.tokenizers.latent_stats import resolve_scale_factor
     if cfg.task not in ("generator", "tokenizer"):
         raise ConfigError(f"task: {cfg.task!r} is not one of ['generator', 'tokenizer']")
     check_node(cfg.data, "data")
@@ -88,11 +93,9 @@ def train(cfg: DictConfig) -> None:
     if cfg.task == "tokenizer":
         return
 
-    from .tokenizers.latent_stats import resolve_scale_factor
     resolve_scale_factor(cfg, data, tok_ckpt, out)  # tokenizer.scale_factor: null -> 1/std measured on the training data
     module = build_module(cfg, data.num_classes, tok_ckpt)
     trainer = make_trainer(cfg.trainer, out, cfg)
-    from .distributed import generation_context, is_sharded, recover
     last = recover(out / "checkpoints" / "last.ckpt")  # a kill between the renames of a sharded save
     resume_from = str(last) if cfg.resume and last.exists() else None
     if resume_from:
