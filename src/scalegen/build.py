@@ -139,6 +139,7 @@ def build_tokenizer(cfg: DictConfig, checkpoint: str | None = None):
 
 
 def build_generator(cfg: DictConfig, tokenizer, num_classes: int):
+    check_node(cfg.model.get("composition"), "model.composition", COMPOSITION_DERIVED, partial=True, group="composition")
     composition = instantiate(cfg.model.composition, _convert_="all")(tokenizer, list(cfg.scales))
     backbone = instantiate(cfg.backbone, num_classes=num_classes, token_dim=composition.token_dim,
                            scales=composition.scales.sizes, _convert_="all")

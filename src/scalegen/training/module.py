@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import math
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -19,9 +18,7 @@ from scalegen.data.latents import batch_latent
 from scalegen.generation.loop import generate, random_labels
 from scalegen.scaleout.distributed import configure_generator, generation_context, is_sharded
 from scalegen.schedule.anyscale import using_scales
-from scalegen.training.optim import LRSchedule, param_groups
-
-DEFAULT_OPTIMIZER = partial(torch.optim.AdamW, betas=(0.9, 0.95), weight_decay=0.05)
+from scalegen.training.optim import DEFAULT_OPTIMIZER, LRSchedule, param_groups
 
 
 class GeneratorModule(L.LightningModule):

@@ -3,13 +3,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Iterable
 
+import torch
 import torch.nn as nn
 
 # names that never get weight decay, besides every bias and 1-D tensor (VAR train.py `nowd_keys`, our names)
 NO_DECAY_KEYS = ("pos_embed", "pos_start", "lvl_embed", "gamma", "beta", "ada_gss", "scale_mul")
 SCHEDULES = ("lin0", "lin", "cos", "const")
+# the generator's optimizer without a config: (param groups, lr=peak LR) -> AdamW
+DEFAULT_OPTIMIZER = partial(torch.optim.AdamW, betas=(0.9, 0.95), weight_decay=0.05)
 
 
 @dataclass(frozen=True)
