@@ -77,6 +77,42 @@ def test_unknown_composition():
         check_generator_config(compose_cfg("model.composition=foo"))
 
 
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "configs" / "model").glob("*.yaml")))
+def test_every_model_config_checks(name):
+    check_generator_config(compose_cfg(f"model={name}"))
+
+
+@pytest.mark.parametrize("override, match", [
+    ("+model.composition.foo=1", r"^model\.composition\.foo: unknown key for ResidualComposition"),
+    ("+model.composition.scales=[1]", r"^model\.composition\.scales: .*derived"),
+    ("model.composition._partial_=false", r"^model\.composition\._partial_: must be true"),
+    ("+model.optimizer.lr=1", r"^model\.optimizer\.lr: .*derived.*base_lr"),
+    ("+model.optimizer.momentum=0.9", r"^model\.optimizer\.momentum: unknown key for AdamW"),
+    ("model.optimizer._partial_=false", r"^model\.optimizer\._partial_: must be true"),
+    ("model.lr_schedule.kind=foo", r"^model\.lr_schedule\.kind: 'foo'"),
+    ("+model.lr_schedule.warmup_steps=5", r"^model\.lr_schedule\.warmup_steps: unknown key for LRSchedule"),
+])
+def test_composition_and_optimizer_nodes_named(override, match):
+    with pytest.raises(ConfigError, match=match):
+        check_generator_config(compose_cfg(override))
+
+
+def test_optimizer_and_schedule_built_from_their_nodes():
+    from scalegen.build import build_module
+    from scalegen.schedule.direct_vq import DirectVQComposition
+
+    cfg = compose_cfg("model=flexvar", "data.batch_size=8", "backbone.depth=1", "backbone.width=32",
+                      "backbone.num_heads=2", "model.lr_schedule.base_lr=2e-4", "model.optimizer.weight_decay=0.1",
+                      "+model.optimizer.eps=1e-6")
+    module = build_module(cfg, 10)
+    assert isinstance(module.composition, DirectVQComposition)
+    assert module.peak_lr == 2e-4 * 8 / 256
+    opt = module.configure_optimizers()
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["eps"] == 1e-6
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+    assert all(g["lr"] == module.peak_lr for g in opt.param_groups)
+
+
 def test_unimportable_target_named():
     with pytest.raises(ConfigError, match=r"^tokenizer\._target_: cannot import"):
         check_generator_config(compose_cfg("tokenizer._target_=scalegen.tokenizers.NoSuchTokenizer"))

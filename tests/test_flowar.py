@@ -283,7 +283,7 @@ def test_official_release_loads_for_sampling_and_converts(tmp_path):
     (["head.num_steps=0"], r"^head\.num_steps=0: needs an integer >= 1"),
     (["+sample.num_steps=0"], r"^sample\.num_steps=0"),
     (["head=categorical"], r"CategoricalHead.*continuous"),
-    (["model.composition=residual"], r"model\.composition=residual"),
+    (["composition=residual"], r"model\.composition=residual"),
     (["tokenizer=msvq_digits", "head=categorical"], r"^model\.composition=direct gives continuous latents"),
 ])
 def test_config_errors_name_the_key(overrides, match):
@@ -312,7 +312,7 @@ def two_steps(cfg, precision="32"):
 @pytest.mark.parametrize("overrides", [
     ["tokenizer.scale_factor=1.0"],  # FlowAR as published: KL VAE + flow head
     ["tokenizer=msvq_digits"],  # the flow head on the VQ tokenizer's continuous (pre-quantization) latent
-    ["tokenizer=msvq_digits", "head=categorical", "model.composition=residual"],  # FlowAR's transformer, VQ codes
+    ["tokenizer=msvq_digits", "head=categorical", "composition=residual"],  # FlowAR's transformer, VQ codes
     ["tokenizer.scale_factor=1.0", "backbone=adaln", "head=flow_cross"],  # VAR's transformer + FlowAR-L's head
 ], ids=["kl-flow", "vq-latent-flow", "vq-codes-categorical", "adaln-flow_cross"])
 def test_pairings_train_two_steps(overrides):

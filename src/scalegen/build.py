@@ -15,19 +15,22 @@ from scalegen.errors import ConfigError
 from scalegen.generators import Generator, init_var_weights
 from scalegen.official.var import load_tokenizer_weights
 from scalegen.schedule.anyscale import fixed_parts
-from scalegen.schedule.direct import DirectComposition
-from scalegen.schedule.direct_vq import DirectVQComposition
 from scalegen.schedule.residual import ResidualComposition
 from scalegen.schedule.scales import ScaleSchedule
 from scalegen.training.module import GeneratorModule
-
-COMPOSITIONS = {"residual": ResidualComposition, "direct": DirectComposition, "direct_vq": DirectVQComposition}
-
+from scalegen.training.optim import SCHEDULES
 
 
-def check_node(node: DictConfig, path: str, derived: Iterable[str] = ()) -> type:
-    """The class of a `_target_` node, after checking that every key is one of its arguments."""
-    if node is None or "_target_" not in node:
+def check_node(node: DictConfig, path: str, derived: Iterable[str] = (), *, partial: bool = False,
+               derived_from: str = "the other parts (tokenizer, data, scales)", group: str | None = None) -> type:
+    """The class of a `_target_` node, after checking that every key is one of its arguments.
+
+    partial: the node must say `_partial_: true`, its `derived` arguments being given at build time;
+    group: the config group that picks the node (named when something else stands in its place)."""
+    if not isinstance(node, DictConfig):
+        pick = f"; pick one with {group}=<name> (configs/{group}/)" if group else ""
+        raise ConfigError(f"{path}: {node!r} is not a node with a `_target_`{pick}")
+    if "_target_" not in node:
         raise ConfigError(f"{path}: needs a `_target_` naming the class to build")
     try:
         cls = get_class(node._target_)
@@ -40,48 +43,68 @@ def check_node(node: DictConfig, path: str, derived: Iterable[str] = ()) -> type
         if key.startswith("_"):
             continue
         if key in derived:
-            raise ConfigError(f"{path}.{key}: is derived from the other parts (tokenizer, data, scales); remove it")
+            raise ConfigError(f"{path}.{key}: is derived from {derived_from}; remove it")
         if key not in allowed:
             raise ConfigError(f"{path}.{key}: unknown key for {cls.__name__}; allowed: {sorted(set(allowed) - derived)}")
+    if partial and node.get("_partial_") is not True:
+        raise ConfigError(f"{path}._partial_: must be true ({', '.join(sorted(derived))} are given when it is built)")
     return cls
 
 
 BACKBONE_DERIVED = ("num_classes", "token_dim", "scales")
 HEAD_DERIVED = ("width", "cond_dim", "vocab_size", "token_dim", "scales")
+COMPOSITION_DERIVED = ("tokenizer", "scales")
+
+
+def composition_name(cls: type) -> str:
+    """The `composition=` choice of a composition class: configs/composition/<name>.yaml builds scalegen.schedule.<name>."""
+    return cls.__module__.rsplit(".", 1)[-1]
+
+
+def check_optimizer(model: DictConfig) -> None:
+    """model.optimizer: a partial optimizer (its params and LR come from the module); model.lr_schedule: VAR's schedule."""
+    check_node(model.get("optimizer"), "model.optimizer", ("params", "lr"), partial=True,
+               derived_from="the module (VAR's no-decay groups; peak LR = model.lr_schedule.base_lr x global batch / 256)")
+    check_node(model.get("lr_schedule"), "model.lr_schedule")
+    if model.lr_schedule.get("kind", "lin0") not in SCHEDULES:
+        raise ConfigError(f"model.lr_schedule.kind: {model.lr_schedule.kind!r} is not one of {list(SCHEDULES)}")
 
 
 def check_generator_config(cfg: DictConfig) -> None:
     """Everything that can be known wrong before building: keys, pairings, scale list vs latent size."""
-    tok_cls = check_node(cfg.tokenizer, "tokenizer")
-    backbone_cls = check_node(cfg.backbone, "backbone", BACKBONE_DERIVED)
-    head_cls = check_node(cfg.head, "head", HEAD_DERIVED)
-    comp = cfg.model.composition
-    if comp not in COMPOSITIONS:
-        raise ConfigError(f"model.composition: {comp!r} is not one of {sorted(COMPOSITIONS)}")
-    why = getattr(COMPOSITIONS[comp], "incompatible", lambda _: None)(tok_cls)
+    tok_cls = check_node(cfg.tokenizer, "tokenizer", group="tokenizer")
+    backbone_cls = check_node(cfg.backbone, "backbone", BACKBONE_DERIVED, group="backbone")
+    head_cls = check_node(cfg.head, "head", HEAD_DERIVED, group="head")
+    comp_cls = check_node(cfg.model.get("composition"), "model.composition", COMPOSITION_DERIVED, partial=True,
+                          group="composition")
+    comp = composition_name(comp_cls)
+    check_optimizer(cfg.model)
+    why = getattr(comp_cls, "incompatible", lambda _: None)(tok_cls)
     if why:
         raise ConfigError(f"model.composition={comp}: {why}")
-    check_schedule_changes(cfg, backbone_cls, COMPOSITIONS[comp])
+    check_schedule_changes(cfg, backbone_cls, comp_cls)
     if getattr(head_cls, "needs_discrete", False) and not getattr(tok_cls, "discrete", False):
         raise ConfigError(f"head={head_cls.__name__} predicts code indices, but tokenizer={tok_cls.__name__} is continuous: "
                           "use a VQ tokenizer or a flow head")
-    comp_discrete = getattr(COMPOSITIONS[comp], "discrete", True)
+    comp_discrete = getattr(comp_cls, "discrete", True)
     if getattr(head_cls, "needs_discrete", False) and not comp_discrete:
         raise ConfigError(f"model.composition={comp} gives continuous latents, but head={head_cls.__name__} predicts code "
-                          "indices: use model.composition=residual with a VQ tokenizer, or a flow head")
+                          "indices: use composition=residual with a VQ tokenizer, or a flow head")
     if getattr(head_cls, "needs_discrete", None) is False and comp_discrete:
         raise ConfigError(f"model.composition={comp} gives code indices, but head={head_cls.__name__} regresses continuous "
-                          "latents: use model.composition=direct")
+                          "latents: use composition=direct")
     if hasattr(head_cls, "check_sampling"):  # e.g. num_steps < 1, named by its key, before any compute
         for where, node in (("head.", cfg.head), ("sample.", cfg.get("sample") or {})):
             try:
                 head_cls.check_sampling(*(node.get(k) for k in ("num_steps", "guidance", "time_grid")), prefix=where)
             except ValueError as e:
                 raise ConfigError(str(e)) from None
-    if comp == "residual" and not getattr(tok_cls, "residual", False):
-        raise ConfigError(f"model.composition=residual needs a residual multi-scale quantizer; {tok_cls.__name__} has none")
+    residual = issubclass(comp_cls, ResidualComposition)
+    if residual and not getattr(tok_cls, "residual", False):
+        raise ConfigError(f"model.composition={comp} needs a residual multi-scale quantizer; {tok_cls.__name__} has none: "
+                          "use composition=direct_vq (VQ) or composition=direct (continuous)")
     tok_scales = cfg.tokenizer.get("v_patch_nums")
-    if comp == "residual" and tok_scales is not None and list(tok_scales) != list(cfg.scales):
+    if residual and tok_scales is not None and list(tok_scales) != list(cfg.scales):
         raise ConfigError(f"scales {list(cfg.scales)} differ from tokenizer.v_patch_nums {list(tok_scales)}: residual "
                           "(VAR) tokens are defined by the quantizer's schedule, so generate with the schedule it was trained on")
     if cfg.data.get("image_size") is not None:
@@ -116,7 +139,8 @@ def build_tokenizer(cfg: DictConfig, checkpoint: str | None = None):
 
 
 def build_generator(cfg: DictConfig, tokenizer, num_classes: int):
-    composition = COMPOSITIONS[cfg.model.composition](tokenizer, list(cfg.scales))
+    check_node(cfg.model.get("composition"), "model.composition", COMPOSITION_DERIVED, partial=True, group="composition")
+    composition = instantiate(cfg.model.composition, _convert_="all")(tokenizer, list(cfg.scales))
     backbone = instantiate(cfg.backbone, num_classes=num_classes, token_dim=composition.token_dim,
                            scales=composition.scales.sizes, _convert_="all")
     head_params = inspect.signature(get_class(cfg.head._target_)).parameters
@@ -134,14 +158,13 @@ def build_module(cfg: DictConfig, num_classes: int, tokenizer_ckpt: str | None =
     check_generator_config(cfg)
     tokenizer = build_tokenizer(cfg, tokenizer_ckpt)
     generator, composition = build_generator(cfg, tokenizer, num_classes)
-    opt = cfg.model.optim
+    model = cfg.model
     return GeneratorModule(
-        tokenizer, generator, composition, base_lr=opt.base_lr, batch_size=cfg.data.batch_size, betas=tuple(opt.betas),
-        weight_decay=opt.weight_decay, weight_decay_end=opt.get("weight_decay_end"), warmup_steps=opt.warmup,
-        lr_schedule=opt.schedule, wp0=opt.wp0, wpe=opt.wpe, ema_decay=cfg.model.ema_decay,
-        cond_drop_rate=cfg.model.cond_drop_rate, sample=OmegaConf.to_container(cfg.sample, resolve=True),
+        tokenizer, generator, composition, optimizer=instantiate(model.optimizer, _convert_="all"),
+        lr_schedule=instantiate(model.lr_schedule), batch_size=cfg.data.batch_size, ema_decay=model.ema_decay,
+        cond_drop_rate=model.cond_drop_rate, sample=OmegaConf.to_container(cfg.sample, resolve=True),
         config=run_config(cfg), max_nonfinite=cfg.get("max_nonfinite", 5),
-        train_scales=instantiate(cfg.model.train_scales) if cfg.model.get("train_scales") is not None else None,
+        train_scales=instantiate(model.train_scales) if model.get("train_scales") is not None else None,
         activation_checkpointing=cfg.get("activation_checkpointing", False))
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import lightning as L
 import torch
@@ -18,23 +18,21 @@ from scalegen.data.latents import batch_latent
 from scalegen.generation.loop import generate, random_labels
 from scalegen.scaleout.distributed import configure_generator, generation_context, is_sharded
 from scalegen.schedule.anyscale import using_scales
-from scalegen.training.optim import apply_schedule, param_groups
+from scalegen.training.optim import DEFAULT_OPTIMIZER, LRSchedule, param_groups
 
 
 class GeneratorModule(L.LightningModule):
-    def __init__(self, tokenizer: torch.nn.Module, generator: torch.nn.Module, composition, *, base_lr: float = 1e-4,
-                 batch_size: int = 256, betas: Sequence[float] = (0.9, 0.95), weight_decay: float = 0.05,
-                 weight_decay_end: float | None = None, warmup_steps: int | float = 0.02, lr_schedule: str = "lin0",
-                 wp0: float = 0.005, wpe: float = 0.01, ema_decay: float | None = 0.9999, cond_drop_rate: float = 0.1,
-                 max_nonfinite: int = 5, sample: dict | None = None, config: dict | None = None,
-                 activation_checkpointing: bool = False, train_scales=None):
+    def __init__(self, tokenizer: torch.nn.Module, generator: torch.nn.Module, composition, *,
+                 optimizer: Callable[..., torch.optim.Optimizer] = DEFAULT_OPTIMIZER,
+                 lr_schedule: LRSchedule = LRSchedule(), batch_size: int = 256, ema_decay: float | None = 0.9999,
+                 cond_drop_rate: float = 0.1, max_nonfinite: int = 5, sample: dict | None = None,
+                 config: dict | None = None, activation_checkpointing: bool = False, train_scales=None):
         super().__init__()
         self.tokenizer = tokenizer.eval().requires_grad_(False)
         self.generator, self.composition = generator, composition
         self.ema = copy.deepcopy(generator).requires_grad_(False) if ema_decay else None
-        self.base_lr, self.batch_size, self.betas = base_lr, batch_size, tuple(betas)
-        self.weight_decay, self.weight_decay_end = weight_decay, weight_decay_end
-        self.warmup_steps, self.lr_schedule, self.wp0, self.wpe = warmup_steps, lr_schedule, wp0, wpe
+        self.make_optimizer = optimizer  # (param groups, lr=peak LR) -> Optimizer, e.g. a partial AdamW
+        self.lr_schedule, self.batch_size = lr_schedule, batch_size  # batch_size: per device, for the peak LR
         self.ema_decay, self.cond_drop_rate, self.max_nonfinite = ema_decay, cond_drop_rate, max_nonfinite
         self.sample_cfg = dict(cfg=1.5, cfg_schedule="linear", per_class=4, seed=0)
         self.sample_cfg.update(sample or {})
@@ -129,21 +127,17 @@ class GeneratorModule(L.LightningModule):
         """base_lr x global batch / 256 (VAR's rule)."""
         world = self.trainer.world_size if self._trainer is not None else 1
         accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
-        return self.base_lr * self.batch_size * world * accumulate / 256
+        return self.lr_schedule.base_lr * self.batch_size * world * accumulate / 256
 
     def configure_optimizers(self):
-        groups = param_groups(self.generator, self.weight_decay)
-        return torch.optim.AdamW(groups, lr=self.peak_lr, betas=self.betas)
+        return self.make_optimizer(param_groups(self.generator), lr=self.peak_lr)
 
     def _total_steps(self) -> int:
         total = self.trainer.estimated_stepping_batches
         return int(total) if math.isfinite(total) else 10**9
 
     def on_train_batch_start(self, batch, batch_idx):
-        total = self._total_steps()
-        warmup = self.warmup_steps if self.warmup_steps >= 1 else round(self.warmup_steps * total)
-        apply_schedule(self.optimizers(), self.global_step, total, self.peak_lr, int(warmup), self.lr_schedule,
-                       self.weight_decay, self.weight_decay_end, self.wp0, self.wpe)
+        self.lr_schedule.apply(self.optimizers(), self.global_step, self._total_steps(), self.peak_lr)
 
     def optimizer_step(self, *args, **kwargs):
         super().optimizer_step(*args, **kwargs)

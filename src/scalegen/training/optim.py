@@ -1,25 +1,60 @@
-"""Optimiser pieces shared by the LightningModules: no-decay parameter groups and VAR's LR / weight-decay schedules."""
+"""Optimiser pieces of the generator: VAR's no-decay parameter groups and its LR / weight-decay schedule."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from functools import partial
 from typing import Iterable
 
+import torch
 import torch.nn as nn
 
 # names that never get weight decay, besides every bias and 1-D tensor (VAR train.py `nowd_keys`, our names)
 NO_DECAY_KEYS = ("pos_embed", "pos_start", "lvl_embed", "gamma", "beta", "ada_gss", "scale_mul")
 SCHEDULES = ("lin0", "lin", "cos", "const")
+# the generator's optimizer without a config: (param groups, lr=peak LR) -> AdamW
+DEFAULT_OPTIMIZER = partial(torch.optim.AdamW, betas=(0.9, 0.95), weight_decay=0.05)
 
 
-def param_groups(module: nn.Module, weight_decay: float, no_decay_keys: Iterable[str] = NO_DECAY_KEYS) -> list[dict]:
+@dataclass(frozen=True)
+class LRSchedule:
+    """VAR's LR / weight-decay schedule (`lr_wd_annealing`, utils/lr_control.py): the peak LR is base_lr x global
+    batch / 256; linear warm-up from wp0 x peak, then `kind` down to wpe x peak; weight decay from the optimizer's
+    `weight_decay` cosine to weight_decay_end (None or 0: constant)."""
+
+    base_lr: float = 1e-4
+    warmup: float = 0.02            # steps, or a fraction of the run when < 1
+    kind: str = "lin0"              # one of SCHEDULES
+    wp0: float = 0.005
+    wpe: float = 0.01
+    weight_decay_end: float | None = None
+
+    def __post_init__(self):
+        if self.kind not in SCHEDULES:
+            raise ValueError(f"kind must be one of {SCHEDULES}, got {self.kind!r}")
+
+    def warmup_steps(self, total: int) -> int:
+        return int(self.warmup if self.warmup >= 1 else round(self.warmup * total))
+
+    def apply(self, optimizer, step: int, total: int, peak_lr: float) -> float:
+        """Set every group's LR and weight decay for `step` of `total`; the peak decay is the optimizer's default."""
+        lr = peak_lr * lr_factor(step, total, self.warmup_steps(total), self.kind, self.wp0, self.wpe)
+        decay = wd_value(step, total, optimizer.defaults.get("weight_decay", 0.0), self.weight_decay_end)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+            group["weight_decay"] = decay * group.get("wd_scale", 1.0)
+        return lr
+
+
+def param_groups(module: nn.Module, no_decay_keys: Iterable[str] = NO_DECAY_KEYS) -> list[dict]:
+    """The decaying group takes the optimizer's `weight_decay`; biases, 1-D tensors and `no_decay_keys` get none."""
     decay, no_decay = [], []
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
         skip = p.ndim <= 1 or name.endswith("bias") or any(k in name for k in no_decay_keys)
         (no_decay if skip else decay).append(p)
-    return [dict(params=decay, weight_decay=weight_decay, wd_scale=1.0),
-            dict(params=no_decay, weight_decay=0.0, wd_scale=0.0)]
+    return [dict(params=decay, wd_scale=1.0), dict(params=no_decay, weight_decay=0.0, wd_scale=0.0)]
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str = "lin0", wp0: float = 0.005, wpe: float = 0.01) -> float:
@@ -44,13 +79,3 @@ def wd_value(step: int, total: int, wd: float, wd_end: float | None = None) -> f
     """Cosine from wd to wd_end over the whole run (wd_end None or 0: constant, as VAR's --twde default)."""
     wd_end = wd if not wd_end else wd_end
     return wd_end + (wd - wd_end) * (0.5 + 0.5 * math.cos(math.pi * min(1.0, step / max(1, total - 1))))
-
-
-def apply_schedule(optimizer, step: int, total: int, peak_lr: float, warmup: int, schedule: str, wd: float,
-                   wd_end: float | None, wp0: float = 0.005, wpe: float = 0.01) -> float:
-    lr = peak_lr * lr_factor(step, total, warmup, schedule, wp0, wpe)
-    decay = wd_value(step, total, wd, wd_end)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-        group["weight_decay"] = decay * group.get("wd_scale", 1.0)
-    return lr
