@@ -91,7 +91,7 @@ def recognise(path) -> str:
         raise FileNotFoundError(f"checkpoint not found: {path}")
     kind = read_meta(path).get("kind") if path.endswith(".safetensors") else recognise_state(_read(path))
     if kind not in RELEASES:
-        what = f"metadata kind {kind!r}" if path.endswith(".safetensors") else "no release's key layout"
+        what = f"metadata kind {kind!r}" if path.endswith(".safetensors") else "no release's key table fits its keys"
         raise ValueError(f"{path}: neither a scalegen training checkpoint (.ckpt) nor an official release of "
                          f"{', '.join(RELEASES)} or its conversion ({what}); convert official files with "
                          "python -m scalegen.official.convert KIND FILE -o OUT.safetensors")
@@ -206,6 +206,10 @@ def load_pretrained(path, vae_path=None) -> Pretrained:
                          f"e.g. vae_ckpt=/path/to/{tok.file}")
     if not Path(vae_path).exists():
         raise FileNotFoundError(f"tokenizer checkpoint not found: {vae_path}")
+    other = None if str(vae_path).endswith(".safetensors") else recognise_state(_read(str(vae_path)))
+    if other not in (None, tok.kind):  # (a converted file's kind is checked by its metadata)
+        raise ValueError(f"vae_ckpt={vae_path} is a {RELEASES[other].title} release, but {path} ({rel.title}) pairs "
+                         f"with a {tok.title}, e.g. {tok.file}")
     generator, config = _load(rel, path)
     tokenizer = load(tok.kind, vae_path, scales=generator.backbone.scales.sizes)
     composition = rel.compose(tokenizer, generator)
