@@ -15,7 +15,7 @@ import torch
 from scalegen.io import save_safetensors
 from scalegen.io import CheckpointMismatch
 from scalegen.io import read_meta
-from scalegen.official import export, load
+from scalegen.official import export, load, recognise
 from scalegen.official.var import build_var, var_config_from_state
 from scalegen.pretrained import load_generator
 from scalegen.schedule.scales import VAR_256, VAR_512
@@ -240,3 +240,18 @@ def test_load_generator_from_release_layout_files(tmp_path):
     convert_cli.main(["vae", str(tmp_path / "vae.pth"), "-o", str(tmp_path / "vae.safetensors")])
     again = load_generator(str(tmp_path / "var.safetensors"), str(tmp_path / "vae.safetensors"))
     assert torch.equal(again.generate([0, 2], seed=0, cfg=1.5, top_k=4), images)
+
+
+def test_releases_are_recognised_by_their_keys_and_paired(tmp_path):
+    torch.save(small_release_var(), tmp_path / "var.pth")
+    torch.save({"model": small_release_vae()}, tmp_path / "vae.pth")
+    assert recognise(tmp_path / "var.pth") == "var" and recognise(tmp_path / "vae.pth") == "vae"
+    with pytest.raises(ValueError, match="tokenizer release"):
+        load_generator(str(tmp_path / "vae.pth"), str(tmp_path / "vae.pth"))
+    with pytest.raises(ValueError, match=r"vae_ckpt=.* is a VAR release"):
+        load_generator(str(tmp_path / "var.pth"), str(tmp_path / "var.pth"))
+    with pytest.raises(FileNotFoundError, match="tokenizer checkpoint not found"):
+        load_generator(str(tmp_path / "var.pth"), str(tmp_path / "nowhere.pth"))
+    torch.save({"x": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="no release's key table fits"):
+        load_generator(str(tmp_path / "other.pth"), str(tmp_path / "vae.pth"))

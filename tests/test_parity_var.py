@@ -180,7 +180,7 @@ def test_golden(golden_file: Path, max_diffs):
 
 
 def build_vae(golden: dict):
-    """load_vae infers the sizes from the keys; what the keys cannot say comes from the file's config."""
+    """load("vae", ...) infers the sizes from the keys; what the keys cannot say comes from the file's config."""
     cfg = golden["config"]
     return load("vae", golden["state_dict"], v_patch_nums=cfg["v_patch_nums"], beta=cfg["beta"], using_znorm=cfg["using_znorm"],
                     quant_resi=cfg["quant_resi"], default_qresi_counts=cfg["default_qresi_counts"])

@@ -55,11 +55,11 @@ class Release:
 RELEASES: dict[str, Release] = {}
 
 
-def register(release: Release) -> Release:
-    if release.kind in RELEASES:
-        raise ValueError(f"release kind {release.kind!r} registered twice")
-    RELEASES[release.kind] = release
-    return release
+def register(rel: Release) -> Release:
+    if rel.kind in RELEASES:
+        raise ValueError(f"release kind {rel.kind!r} registered twice")
+    RELEASES[rel.kind] = rel
+    return rel
 
 
 def release(kind: str) -> Release:
@@ -132,10 +132,11 @@ def _load(rel: Release, source, config: dict | None = None, scales=None, convert
         where = f"{rel.title} checkpoint {path}"
         if path.endswith(".safetensors"):  # written by to_scalegen: scalegen names, the config in the metadata
             meta = read_meta(path)
-            if meta.get("kind") != rel.kind:
+            # a tokenizer that train.py saved carries no metadata: scalegen names, the default architecture
+            if meta.get("kind") != rel.kind and not (rel.is_tokenizer and not meta):
                 raise ValueError(f"{path} holds metadata kind {meta.get('kind')!r}, not {rel.kind!r}")
             schedule = {rel.scales_key: scales} if scales and rel.scales_key else {}
-            config = {**meta["config"], **schedule, **overrides}
+            config = {**meta.get("config", {}), **schedule, **overrides}
             model = rel.build(config)
             load_strict(model, load_file(path), where)
             return _ready(rel, model), config
