@@ -20,8 +20,8 @@ from scalegen.schedule.direct_vq import DirectVQComposition
 from scalegen.generators.flexvar import ScaleFreeTransformer, sincos_table
 from scalegen.generation.guidance import guide
 from scalegen.training.module import GeneratorModule
-from scalegen.official.flexvar import (OFFICIAL_SIDES, build_flexvar, export_flexvae, export_flexvar, load_flexvae,
-                                       load_flexvar)
+from scalegen.official import export, load
+from scalegen.official.flexvar import OFFICIAL_SIDES, build_flexvar
 from scalegen.io import CheckpointMismatch
 from scalegen.pretrained import load_generator
 from scalegen.generation.loop import generate
@@ -105,7 +105,7 @@ def test_official_key_tables_match_the_release_key_lists(parity_root):
     with torch.device("meta"):
         vae = FlexVAE()
         gen = build_flexvar(dict(num_classes=1000, token_dim=32, scales=VAR_256, depth=16, vocab_size=8912))
-    for state, keys, name in ((export_flexvae(vae), vae_keys, "FlexVAE"), (export_flexvar(gen), var_keys, "FlexVAR-d16")):
+    for state, keys, name in ((export("flexvae", vae), vae_keys, "FlexVAE"), (export("flexvar", gen), var_keys, "FlexVAR-d16")):
         assert {k: tuple(v.shape) for k, v in state.items()} == keys, name
 
 
@@ -327,10 +327,10 @@ def test_int_label_and_step_count():
 def release_files(tmp_path: Path, wrap: bool) -> tuple[Path, Path, dict, dict]:
     """Official-layout FlexVAE (under 'model') and FlexVAR (bare or under trainer.var_wo_ddp) files, random weights."""
     torch.manual_seed(0)  # the official GroupNorm has 32 groups: width 32
-    vae_state = randomized(export_flexvae(FlexVAE(vocab_size=32, codebook_dim=8, z_channels=16, ch=32, ch_mult=(1, 1),
+    vae_state = randomized(export("flexvae", FlexVAE(vocab_size=32, codebook_dim=8, z_channels=16, ch=32, ch_mult=(1, 1),
                                                   num_res_blocks=1)), 1)
     vae_state["quantize.codebook_used"] = torch.zeros(64)
-    var_state = randomized(export_flexvar(tiny_gen(scales=VAR_256)), 2)
+    var_state = randomized(export("flexvar", tiny_gen(scales=VAR_256)), 2)
     var_state["attn_bias_for_masking"] = torch.zeros(1, 1, 632, 632)  # another schedule, xformers-padded: rebuilt
     torch.save({"model": vae_state}, tmp_path / "FlexVAE.pth")
     torch.save({"trainer": {"var_wo_ddp": var_state}} if wrap else var_state, tmp_path / "FlexVARd2.pth")
@@ -363,15 +363,15 @@ def test_release_files_load_convert_and_sample(wrap, tmp_path):
 
 
 def test_release_that_does_not_fit_lists_the_keys(tmp_path):
-    state = export_flexvar(tiny_gen(scales=VAR_256))
+    state = export("flexvar", tiny_gen(scales=VAR_256))
     del state["head_nm.ada_lin.1.weight"]
     state["blocks.0.attn.nonsense"] = torch.zeros(1)
     with pytest.raises(CheckpointMismatch, match=r"missing \(1\): head\.norm\.ada_lin\.1\.weight"):
-        load_flexvar(state)
-    vae_state = export_flexvae(tiny_vae())
+        load("flexvar", state)
+    vae_state = export("flexvae", tiny_vae())
     vae_state.pop("decoder.conv_out.bias")
     with pytest.raises(CheckpointMismatch, match="decoder.conv_out.bias"):
-        load_flexvae(vae_state, norm_groups=8)
+        load("flexvae", vae_state, norm_groups=8)
 
 
 # ---- the method on the built-in digits, end to end (tokenizer, generator, sample.py with any steps) -------------------

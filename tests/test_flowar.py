@@ -19,8 +19,7 @@ from scalegen.generators import Generator
 from scalegen.generators.flowar import FlowARTransformer
 from scalegen.heads.flow import FlowHead, euler_sample, euler_times
 from scalegen.heads.flownet import TimeEmbed
-from scalegen.official.flowar import export_flowar, load_flowar, load_flowar_release
-from scalegen.official.kl16 import export_kl
+from scalegen.official import export, load, load_pretrained
 from scalegen.io import CheckpointMismatch
 from scalegen.generation.loop import generate
 from scalegen.schedule.scales import area_down, bicubic_up
@@ -95,9 +94,9 @@ def test_presets_match_official_counts_and_keys(preset, count, keys):
         generator, composition = build_generator(cfg, tokenizer, 1000)
     assert sum(p.numel() for p in generator.parameters()) == count
     assert sum(p.numel() for p in tokenizer.parameters()) == 66_456_019  # kl16.ckpt
-    exported = {k: tuple(v.shape) for k, v in export_flowar(generator).items()}
+    exported = {k: tuple(v.shape) for k, v in export("flowar", generator).items()}
     assert exported == read_keys(keys)  # incl. the `mask` and `*.rope.freqs` buffers of the release
-    assert {k: tuple(v.shape) for k, v in export_kl(tokenizer).items()} == read_keys("keys_kl16.txt")
+    assert {k: tuple(v.shape) for k, v in export("kl16", tokenizer).items()} == read_keys("keys_kl16.txt")
     assert isinstance(composition, DirectComposition) and composition.scales.final == (16, 16)
 
 
@@ -224,7 +223,7 @@ def test_kl_scale_factor_in_one_place_and_measured():
 def test_official_kl_layout_loads_and_mismatch_lists_keys(tmp_path):
     vae = tiny_kl()
     path = tmp_path / "kl.ckpt"
-    torch.save({"model": export_kl(vae)}, path)  # MAR's layout: the state dict under "model"
+    torch.save({"model": export("kl16", vae)}, path)  # MAR's layout: the state dict under "model"
     cfg = compose_cfg("model=flowar", "tokenizer.ch_mult=[1,2]", "tokenizer.resolution=16",
                       "tokenizer.enc_attn_resolutions=[8]", "tokenizer.scale_factor=1.0")
     loaded = build_tokenizer(cfg, str(path))
@@ -245,7 +244,7 @@ def test_official_release_loads_for_sampling_and_converts(tmp_path):
     torch.save(state, tmp_path / "FlowAR.pth")
     torch.manual_seed(0)
     kl16 = AutoencoderKL(embed_dim=16, ch=32, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1)  # f=16, like kl16
-    torch.save({"model": export_kl(kl16)}, tmp_path / "kl16.ckpt")
+    torch.save({"model": export("kl16", kl16)}, tmp_path / "kl16.ckpt")
     from scalegen.pretrained import load_generator
     module = load_generator(str(tmp_path / "FlowAR.pth"), str(tmp_path / "kl16.ckpt"))
     assert module.sample_cfg["cfg_schedule"] == "flowar" and module.sample_cfg["num_steps"] == 25
@@ -253,10 +252,10 @@ def test_official_release_loads_for_sampling_and_converts(tmp_path):
     assert images.shape == (2, 3, 256, 256) and torch.isfinite(images).all()
 
     # a tokenizer with another channel count is refused, naming the key
-    torch.save({"model": export_kl(AutoencoderKL(embed_dim=4, ch=32, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1))},
+    torch.save({"model": export("kl16", AutoencoderKL(embed_dim=4, ch=32, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1))},
                tmp_path / "kl4.ckpt")
     with pytest.raises(ValueError, match=r"vae_ckpt: .* 4 channels.* reads 16"):
-        load_flowar_release(str(tmp_path / "FlowAR.pth"), str(tmp_path / "kl4.ckpt"))
+        load_pretrained(str(tmp_path / "FlowAR.pth"), str(tmp_path / "kl4.ckpt"))
 
     # the converter: official -> safetensors -> official gives the same tensors; the safetensors samples too
     from scalegen.official.convert import main as convert
@@ -265,13 +264,13 @@ def test_official_release_loads_for_sampling_and_converts(tmp_path):
     back = torch.load(tmp_path / "back.pth", weights_only=True)
     assert sorted(back) == sorted(state) and all(torch.equal(back[k], state[k]) for k in state)
     convert(["kl16", str(tmp_path / "kl16.ckpt"), "-o", str(tmp_path / "kl.safetensors")])
-    parts = load_flowar_release(str(tmp_path / "f.safetensors"), str(tmp_path / "kl.safetensors"))
+    parts = load_pretrained(str(tmp_path / "f.safetensors"), str(tmp_path / "kl.safetensors"))
     assert parts is not None and parts[0].latent_channels == 16
 
     bad = dict(state)
     bad["mask"] = torch.zeros_like(state["mask"])  # a release of another schedule is refused, not silently loaded
     with pytest.raises(ValueError, match="buffer 'mask'"):
-        load_flowar(bad)
+        load("flowar", bad)
 
 
 # ---- config errors --------------------------------------------------------------------------------------------------

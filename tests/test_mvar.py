@@ -16,7 +16,9 @@ from scalegen.generators import Generator, MambaAdaLNTransformer
 from scalegen.generators.mvar import block_diagonal_bias
 from scalegen.heads import CategoricalHead
 from scalegen.io import CheckpointMismatch
-from scalegen.official.mvar import build_mvar, export_mvar, mvar_config_from_state
+from scalegen.io import read_meta
+from scalegen.official import export
+from scalegen.official.mvar import build_mvar, mvar_config_from_state
 from scalegen.pretrained import load_generator
 
 convert_cli = importlib.import_module("scalegen.official.convert")
@@ -177,7 +179,7 @@ def test_export_matches_the_release_key_list(parity_root):
     keys = read_keys(parity_root / "keys" / "keys_mvar_d16.txt")
     with torch.device("meta"):
         gen = build_mvar(D16)
-    state = export_mvar(gen)
+    state = export("mvar", gen)
     assert sorted(state) == sorted(keys)
     assert {k: tuple(v.shape) for k, v in state.items()} == {k: v[0] for k, v in keys.items()}
     assert {k: str(v.dtype).removeprefix("torch.") for k, v in state.items()} == {k: v[1] for k, v in keys.items()}
@@ -190,7 +192,7 @@ def test_export_matches_the_release_key_list(parity_root):
 def test_attn_l2_norm_is_read_from_the_keys_not_the_depth(depth, l2):
     with torch.device("meta"):
         gen = build_mvar({**D16, "depth": depth, "width": 64, "num_heads": 2, "attn_l2_norm": l2})
-    state = export_mvar(gen)
+    state = export("mvar", gen)
     assert mvar_config_from_state(state)["attn_l2_norm"] is l2
 
 
@@ -220,7 +222,7 @@ def test_convert_round_trip_and_load_generator_reproduce_the_official_sampler(go
     torch.save(g["state_dict"], tmp_path / "d_tiny.pth")
     torch.save(keyed_vae_state(g), tmp_path / "vae.pth")
     convert_cli.main(["mvar", str(tmp_path / "d_tiny.pth"), "-o", str(tmp_path / "m.safetensors")])
-    assert convert_cli.read_meta(str(tmp_path / "m.safetensors"))["kind"] == "mvar"
+    assert read_meta(str(tmp_path / "m.safetensors"))["kind"] == "mvar"
     convert_cli.main(["mvar", str(tmp_path / "m.safetensors"), "-o", str(tmp_path / "back.pth"), "--to-official"])
     back = torch.load(tmp_path / "back.pth", weights_only=True)
     assert sorted(back) == sorted(g["state_dict"]) and all(torch.equal(back[k], v) for k, v in g["state_dict"].items())

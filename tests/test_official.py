@@ -14,12 +14,14 @@ import torch
 
 from scalegen.io import save_safetensors
 from scalegen.io import CheckpointMismatch
-from scalegen.official.var import build_var, export_vae, export_var, load_var, var_config_from_state
+from scalegen.io import read_meta
+from scalegen.official import export, load, recognise
+from scalegen.official.var import build_var, var_config_from_state
 from scalegen.pretrained import load_generator
 from scalegen.schedule.scales import VAR_256, VAR_512
 from scalegen.tokenizers import MultiScaleVQVAE
 
-# `scalegen.official.convert` is also the name of a function re-exported by the package: import the module itself
+# the converter command (`python -m scalegen.official.convert`), called as the CLI is
 convert_cli = importlib.import_module("scalegen.official.convert")
 
 
@@ -72,7 +74,7 @@ def test_export_var_matches_release_keys(config, file, parity_root):
     keys = read_keys(parity_root / "keys" / file)
     with torch.device("meta"):
         gen = build_var(config)
-    state = export_var(gen)
+    state = export("var", gen)
     assert_matches_key_list(state, keys, file)
     if any(kind for _, _, kind in keys.values()):
         assert sum(p.numel() for p in gen.parameters()) == release_params(keys)
@@ -86,7 +88,7 @@ def test_export_vae_matches_release_keys(parity_root):
     keys = read_keys(parity_root / "keys" / "keys_vae.txt")
     with torch.device("meta"):
         vae = MultiScaleVQVAE(ch=160)
-    state = export_vae(vae)
+    state = export("vae", vae)
     assert_matches_key_list(state, keys, "keys_vae.txt")
     assert sum(p.numel() for p in vae.parameters()) == release_params(keys) == 108_948_355
 
@@ -108,13 +110,13 @@ def small_release_var(shared_aln: bool = False) -> dict:
     """An official-layout VAR state dict at the released 256 px schedule, tiny width."""
     config = dict(num_classes=3, token_dim=4, scales=VAR_256, depth=2, width=32, num_heads=2, shared_aln=shared_aln,
                   attn_l2_norm=True, vocab_size=16)
-    return export_var(randomized_(build_var(config), seed=1 + shared_aln))
+    return export("var", randomized_(build_var(config), seed=1 + shared_aln))
 
 
 def small_release_vae() -> dict:
     """An official-layout VQVAE state dict (10 scales, as released), tiny width: 32 px -> 16x16x4 latent."""
     vae = MultiScaleVQVAE(vocab_size=16, z_channels=4, ch=32, ch_mult=(1, 1), num_res_blocks=1)
-    state = export_vae(randomized_(vae, seed=3))
+    state = export("vae", randomized_(vae, seed=3))
     state["quantize.ema_vocab_hit_SV"] = torch.rand(10, 16)  # usage statistics travel too
     return state
 
@@ -139,7 +141,7 @@ def test_convert_var_round_trip(shared_aln, tmp_path):
     state = small_release_var(shared_aln)
     st, back = convert_and_back("var", state, tmp_path)
     assert_same_tensors(back, state)
-    meta = convert_cli.read_meta(str(st))
+    meta = read_meta(str(st))
     assert meta["kind"] == "var" and meta["config"]["shared_aln"] is shared_aln and meta["config"]["depth"] == 2
 
 
@@ -147,7 +149,7 @@ def test_convert_vae_round_trip(tmp_path):
     state = small_release_vae()
     st, back = convert_and_back("vae", state, tmp_path)
     assert_same_tensors(back, state)
-    assert convert_cli.read_meta(str(st))["kind"] == "vae"
+    assert read_meta(str(st))["kind"] == "vae"
 
 
 def test_convert_refuses_the_wrong_kind(tmp_path):
@@ -180,10 +182,10 @@ def test_golden_var_missing_key_listed(parity_root):
     state = dict(golden["state_dict"])
     del state["head_nm.ada_lin.1.weight"]
     with pytest.raises(CheckpointMismatch, match=r"missing \(1\): head\.norm\.ada_lin\.1\.weight"):
-        load_var(state, scales=golden["config"]["patch_nums"])
+        load("var", state, scales=golden["config"]["patch_nums"])
     state["blocks.0.attn.nonsense"] = torch.zeros(1)
     with pytest.raises(CheckpointMismatch, match=r"unexpected \(1\): backbone\.blocks\.0\.attn\.nonsense"):
-        load_var(state, scales=golden["config"]["patch_nums"])
+        load("var", state, scales=golden["config"]["patch_nums"])
 
 
 # ---- load_generator + generate on the golden files ------------------------------------------------------------------
@@ -192,7 +194,7 @@ def test_golden_var_missing_key_listed(parity_root):
 def write_converted_var(state: dict, scales, path: Path) -> Path:
     """What the converter writes (scalegen names, the architecture in the metadata), for a non-preset schedule."""
     config = var_config_from_state(state, scales=scales)
-    gen = load_var(state, config)
+    gen = load("var", state, config)
     save_safetensors(gen.state_dict(), path, metadata={"kind": "var", "config": json.dumps(config)})
     return path
 
@@ -238,3 +240,18 @@ def test_load_generator_from_release_layout_files(tmp_path):
     convert_cli.main(["vae", str(tmp_path / "vae.pth"), "-o", str(tmp_path / "vae.safetensors")])
     again = load_generator(str(tmp_path / "var.safetensors"), str(tmp_path / "vae.safetensors"))
     assert torch.equal(again.generate([0, 2], seed=0, cfg=1.5, top_k=4), images)
+
+
+def test_releases_are_recognised_by_their_keys_and_paired(tmp_path):
+    torch.save(small_release_var(), tmp_path / "var.pth")
+    torch.save({"model": small_release_vae()}, tmp_path / "vae.pth")
+    assert recognise(tmp_path / "var.pth") == "var" and recognise(tmp_path / "vae.pth") == "vae"
+    with pytest.raises(ValueError, match="tokenizer release"):
+        load_generator(str(tmp_path / "vae.pth"), str(tmp_path / "vae.pth"))
+    with pytest.raises(ValueError, match=r"vae_ckpt=.* is a VAR release"):
+        load_generator(str(tmp_path / "var.pth"), str(tmp_path / "var.pth"))
+    with pytest.raises(FileNotFoundError, match="tokenizer checkpoint not found"):
+        load_generator(str(tmp_path / "var.pth"), str(tmp_path / "nowhere.pth"))
+    torch.save({"x": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="no release's key table fits"):
+        load_generator(str(tmp_path / "other.pth"), str(tmp_path / "vae.pth"))

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from scalegen.schedule.direct_vq import DirectVQComposition
-from scalegen.official.flexvar import (OFFICIAL_SIDES, export_flexvae, export_flexvar, flexvae_config_from_state,
-                                       flexvar_config_from_state, load_flexvae, load_flexvar)
+from scalegen import official
+from scalegen.official.flexvar import OFFICIAL_SIDES, flexvae_config_from_state, flexvar_config_from_state
 from scalegen.generation.loop import generate, random_labels
 from scalegen.schedule.scales import bicubic_up
 
@@ -120,11 +120,11 @@ def tokenizer_from(g: dict):
     cfg = g["config"]
     assert (check_cfg["vocab_size"], check_cfg["codebook_dim"], check_cfg["ch"], check_cfg["num_res_blocks"]) == (
         cfg["codebook_size"], cfg["codebook_embed_dim"], cfg["ch"], cfg["num_res_blocks"])
-    return load_flexvae(g["state_dict"], beta=cfg["commit_loss_beta"], l2_norm=cfg["codebook_l2_norm"])
+    return official.load("flexvae", g["state_dict"], beta=cfg["commit_loss_beta"], l2_norm=cfg["codebook_l2_norm"])
 
 
 def transformer_from(g: dict, scales):
-    return load_flexvar(g["state_dict"], scales=scales).eval()
+    return official.load("flexvar", g["state_dict"], scales=scales).eval()
 
 
 @pytest.mark.parity("flexvar")
@@ -163,7 +163,7 @@ def check_tokenizer(g: dict, folder: Path, check: Check) -> None:
     recon = vae.decode_scales(img, [1, 2, 4])
     check.close("recon_finest", recon[-1], g["recon_finest"])
     check.close("recon_intermediate_pn2", recon[1], g["recon_intermediate_pn2"])
-    exported = export_flexvae(vae)
+    exported = official.export("flexvae", vae)
     check.equal("export keys", sorted(exported), sorted(g["state_dict"]))
     check.equal("export tensors", [k for k in exported if not torch.equal(exported[k], g["state_dict"][k])], [])
 
@@ -208,7 +208,7 @@ def check_transformer(g: dict, folder: Path, check: Check) -> None:
         check.close(at + "loss", gen.head.loss(logits, d["gt_BL"], bb.scales.offsets)[0].reshape(()), d["loss"])
         check.exact(at + "attn_bias_for_masking", bb.attn_bias.view_as(d["attn_bias_for_masking"]), d["attn_bias_for_masking"])
     bb.set_scales(cfg["patch_nums"])
-    exported = export_flexvar(gen)
+    exported = official.export("flexvar", gen)
     check.equal("export keys", sorted(exported), sorted(g["state_dict"]))
     check.equal("export tensors", [k for k in exported if not torch.equal(exported[k], g["state_dict"][k])], [])
 

@@ -19,8 +19,9 @@ import torch
 from scalegen.schedule.direct import DirectComposition
 from scalegen.heads.flow import euler_sample, euler_times
 from scalegen.training.module import GeneratorModule
-from scalegen.official.flowar import export_flowar, flowar_config_from_state, load_flowar
-from scalegen.official.kl16 import export_kl, kl_config_from_state, load_kl
+from scalegen.official import export, load
+from scalegen.official.flowar import flowar_config_from_state
+from scalegen.official.kl16 import kl_config_from_state
 from scalegen.generation.loop import generate
 
 ATOL = 1e-4  # floats (issue #3: within 1e-4, expect ~1e-6)
@@ -95,8 +96,8 @@ def check_kl(d: dict, check: Parity) -> None:
     config = kl_config_from_state(d["state_dict"], resolution=cfg["resolution"])
     assert config["enc_attn_resolutions"] == tuple(cfg["enc_attn_resolutions"])
     assert config["dec_attn_resolutions"] == tuple(cfg["dec_attn_resolutions"])
-    vae = load_kl(d["state_dict"], config)
-    assert sorted(export_kl(vae)) == sorted(d["state_dict"])
+    vae = load("kl16", d["state_dict"], config)
+    assert sorted(export("kl16", vae)) == sorted(d["state_dict"])
     post = vae.posterior(d["img"])
     check.close("posterior_moments", post.moments, d["posterior_moments"])
     check.close("posterior_mean", post.mean, d["posterior_mean"])
@@ -134,7 +135,7 @@ class LatentsAsImages(torch.nn.Module):
 
 
 def flowar_parts(d: dict, sample_up_size=None):
-    gen = load_flowar(d["state_dict"])
+    gen = load("flowar", d["state_dict"])
     comp = DirectComposition(LatentsAsImages(gen.backbone.token_dim), gen.backbone.scales.sizes, sample_up_size)
     return gen, comp
 
@@ -245,7 +246,7 @@ def check_flowar(d: dict, check: Parity) -> None:
     cfg = d["config"]
     assert config["scales"] == tuple((s, s) for s in cfg["scale"]) and config["cross"] == cfg["cross"]
     assert config["token_dim"] == cfg["vae_embed_dim"] and config["flow_width"] == cfg["diffloss_w"]
-    exported = export_flowar(load_flowar(d["state_dict"]))
+    exported = export("flowar", load("flowar", d["state_dict"]))
     assert sorted(exported) == sorted(d["state_dict"])
     differ = [k for k in d["state_dict"] if not torch.equal(exported[k], d["state_dict"][k])]
     if differ:

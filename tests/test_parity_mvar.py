@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from scalegen.schedule.residual import ResidualComposition
-from scalegen.official.mvar import export_mvar, load_mvar, mvar_config_from_state
-from scalegen.official.var import load_vae
+from scalegen.official import export, load
+from scalegen.official.mvar import mvar_config_from_state
 from scalegen.generation.loop import generate
 
 ATOL = 1e-4  # the float tolerance; indices exact
@@ -115,7 +115,7 @@ def keyed_vqvae_state(golden: dict) -> dict:
 
 def golden_model(g: dict):
     cfg = g["config"]
-    return load_mvar(g["state_dict"], drop_path_rate=cfg["drop_path_rate"])
+    return load("mvar", g["state_dict"], drop_path_rate=cfg["drop_path_rate"])
 
 
 @pytest.mark.parity("mvar")
@@ -154,7 +154,7 @@ def test_golden(golden_file: Path, max_diffs):
         gen.eval()  # the official eval forward crashes or attends across scales; ours computes the target
         check.close("logits_BLV (eval mode)", gen(labels, x), g["logits_BLV"])
 
-    exported = export_mvar(gen)
+    exported = export("mvar", gen)
     if set(exported) != set(g["state_dict"]):
         check.misses.append(f"export keys differ: {sorted(set(exported) ^ set(g['state_dict']))[:6]}")
     else:
@@ -170,7 +170,7 @@ def test_golden(golden_file: Path, max_diffs):
     for key, ref in g["vqvae_small_state"].items():
         if not torch.equal(vae_state[key], ref):
             check.misses.append(f"regenerated VQVAE tensor {key} differs from vqvae_small_state")
-    vae = load_vae(vae_state, v_patch_nums=tuple(cfg["patch_nums"]))
+    vae = load("vae", vae_state, v_patch_nums=tuple(cfg["patch_nums"]))
     composition = ResidualComposition(vae)
     with torch.no_grad():
         check.exact("gt_idx_Bl (tokenizer)", vae.img_to_idx(torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(7)) * 2 - 1),

@@ -17,7 +17,8 @@ import torch
 
 from scalegen.schedule.residual import ResidualComposition
 from scalegen.official.table import convert
-from scalegen.official.var import VAE_TABLE, export_vae, export_var, load_vae, load_var, var_config_from_state, vae_config_from_state
+from scalegen.official import export, load
+from scalegen.official.var import VAE_TABLE, var_config_from_state, vae_config_from_state
 from scalegen.generation.loop import generate, random_labels
 from scalegen.tokenizers import MultiScaleQuantizer, phi_table
 
@@ -179,9 +180,9 @@ def test_golden(golden_file: Path, max_diffs):
 
 
 def build_vae(golden: dict):
-    """load_vae infers the sizes from the keys; what the keys cannot say comes from the file's config."""
+    """load("vae", ...) infers the sizes from the keys; what the keys cannot say comes from the file's config."""
     cfg = golden["config"]
-    return load_vae(golden["state_dict"], v_patch_nums=cfg["v_patch_nums"], beta=cfg["beta"], using_znorm=cfg["using_znorm"],
+    return load("vae", golden["state_dict"], v_patch_nums=cfg["v_patch_nums"], beta=cfg["beta"], using_znorm=cfg["using_znorm"],
                     quant_resi=cfg["quant_resi"], default_qresi_counts=cfg["default_qresi_counts"])
 
 
@@ -220,7 +221,7 @@ def check_vqvae(g: dict, path: Path, check: Parity) -> None:
     if "dec_out_unclamped" in g:
         check.close("dec_out_unclamped", vae.decode(g["fhat"], clamp=False), g["dec_out_unclamped"], IMAGE)
 
-    exported = export_vae(vae)
+    exported = export("vae", vae)
     check.equal("export_vae keys", set(exported), set(g["state_dict"]))
     check.same_tensors("export_vae tensors vs the file", exported, g["state_dict"])
     check.same_tensors("export_vae -> load_vae round trip", build_vae({**g, "state_dict": exported}).state_dict(), vae.state_dict())
@@ -292,7 +293,7 @@ def check_var(g: dict, path: Path, check: Parity) -> None:
                             f"{made_with[:12]}... recorded, {found[:12]}... found)")
     vae = build_vae(vae_golden)
     check_var_config(g, check)
-    gen = load_var(g["state_dict"], scales=g["config"]["patch_nums"]).eval()
+    gen = load("var", g["state_dict"], scales=g["config"]["patch_nums"]).eval()
     num_classes = g["config"]["num_classes"]
 
     labels, x, gt = g["label_B"], g["x_BLCv_wo_first_l"], g["gt_BL"]
@@ -309,7 +310,7 @@ def check_var(g: dict, path: Path, check: Parity) -> None:
     for name, run in g["samples"].items():
         check_sampling(gen, composition, num_classes, run, check, f"sample {name}: ")
 
-    exported = export_var(gen)
+    exported = export("var", gen)
     check.equal("export_var keys", set(exported), set(g["state_dict"]))
     check.same_tensors("export_var tensors vs the file", exported, g["state_dict"])
 

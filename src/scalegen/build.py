@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from scalegen.errors import ConfigError
 from scalegen.generators import Generator, init_var_weights
-from scalegen.official.var import load_tokenizer_weights
+from scalegen.official import load_tokenizer_weights
 from scalegen.schedule.anyscale import fixed_parts
 from scalegen.schedule.residual import ResidualComposition
 from scalegen.schedule.scales import ScaleSchedule

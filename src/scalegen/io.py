@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -76,17 +77,18 @@ def _short(keys: Iterable[str], n: int = 12) -> list[str]:
     return keys[:n] + ([f"... {len(keys) - n} more"] if len(keys) > n else [])
 
 
-def read_checkpoint(path, wrapper_keys: Sequence[str] = ("state_dict", "model", "module")) -> dict:
+def read_checkpoint(path, wrapper_keys: Sequence[str] = ("state_dict", "model", "module"), mmap: bool = False) -> dict:
     """Load a .pth/.pt (weights_only=True, never executing pickled code) or .safetensors file to a flat state dict.
 
     Self-trained VAR checkpoints nest the weights (`trainer.var_wo_ddp`); official releases are bare or under one
-    of `wrapper_keys`. Both are accepted.
+    of `wrapper_keys`. Both are accepted. `mmap`: tensors stay in the file until used (keys and shapes cost nothing).
     """
     path = str(path)
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
         return load_file(path)
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    # only the zip format can be memory-mapped; older files are read whole
+    obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     if isinstance(obj, dict) and "trainer" in obj and isinstance(obj["trainer"], dict) and "var_wo_ddp" in obj["trainer"]:
         obj = obj["trainer"]["var_wo_ddp"]
     for key in wrapper_keys:

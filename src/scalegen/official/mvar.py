@@ -8,15 +8,14 @@ to flip it by hand for d16/d20), the schedule comes from the `attn.patch_nums` b
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 
-from scalegen.generators import Generator
 from scalegen.generators.mvar import MambaAdaLNTransformer, block_diagonal_bias
-from scalegen.heads import CategoricalHead
-from scalegen.io import load_strict
-from scalegen.official.table import Rule, convert
-from scalegen.official.var import VAR_TABLE, var_config_from_state
+from scalegen.official.registry import register
+from scalegen.official.table import Rule
+from scalegen.official.var import VAR, VAR_TABLE, build_with, var_buffers, var_config_from_state
 
 MVAR_TABLE: list[Rule] = [
     ("blocks.{i}.attn.patch_nums", None),  # token count per scale: derived from the schedule
@@ -29,8 +28,8 @@ def _scales_from_patch_nums(counts: torch.Tensor) -> tuple[int, ...] | None:
     return tuple(sides) if all(n > 0 and s * s == n for s, n in zip(sides, counts.tolist())) else None
 
 
-def mvar_config_from_state(state: dict, scales=None) -> dict:
-    """The architecture of an official M-VAR state dict, from its keys and shapes."""
+def mvar_config_from_state(state: dict, scales=None, **overrides) -> dict:
+    """The architecture of an official M-VAR state dict: VAR's, plus the Mamba2 sizes from its shapes."""
     if "blocks.0.mamba.A_log" not in state:
         raise ValueError("not an M-VAR checkpoint: no blocks.0.mamba.* keys (a VAR release? use kind `var`)")
     if scales is None and "blocks.0.attn.patch_nums" in state:
@@ -46,37 +45,25 @@ def mvar_config_from_state(state: dict, scales=None) -> dict:
         raise ValueError(f"Mamba2 shapes do not fit one group (ngroups=1): in_proj rows {rows}, d_inner {d_inner}, "
                          f"nheads {nheads}, conv channels {conv_dim}")
     config.update(d_state=d_state, d_conv=d_conv, expand=d_inner // width, headdim=d_inner // nheads)
-    return config
+    return {**config, **overrides}
 
 
-def build_mvar(config: dict) -> Generator:
-    cfg = dict(config)
-    vocab = cfg.pop("vocab_size")
-    backbone = MambaAdaLNTransformer(**cfg)
-    return Generator(backbone, CategoricalHead(backbone.width, backbone.width, vocab, backbone.blocks[0].norm.eps))
+build_mvar = build_with(MambaAdaLNTransformer)
 
 
-def load_mvar(state: dict, config: dict | None = None, scales=None, **overrides) -> Generator:
-    """Official M-VAR state dict -> scalegen Generator, strictly (every key accounted for, shapes checked)."""
-    config = config or {**mvar_config_from_state(state, scales), **overrides}
-    gen = build_mvar(config)
-    ours, _ = convert(state, MVAR_TABLE)
-    sched = gen.backbone.scales
-    if "lvl_1L" in state and not torch.equal(state["lvl_1L"].view(-1).long(), sched.level_ids()):
-        raise ValueError(f"lvl_1L in the checkpoint disagrees with scales {sched.sizes}")
-    load_strict(gen, ours, "M-VAR checkpoint")
-    return gen
+def mvar_buffers(gen) -> dict[str, torch.Tensor]:
+    """VAR's buffers with M-VAR's block-diagonal mask (stored, never used upstream) and the per-block token counts."""
+    counts = torch.tensor(gen.backbone.scales.token_counts, dtype=torch.int32)
+    out = var_buffers(gen, block_diagonal_bias)
+    out.update((f"blocks.{i}.attn.patch_nums", counts.clone()) for i in range(len(gen.backbone.blocks)))
+    return out
 
 
-def export_mvar(gen: Generator) -> dict:
-    """scalegen Generator -> an official-layout M-VAR state dict (derived buffers included, as the release has them)."""
-    state, _ = convert(gen.state_dict(), MVAR_TABLE, reverse=True)
-    bb = gen.backbone
-    L = bb.scales.num_tokens
-    state["lvl_1L"] = bb.scales.level_ids().unsqueeze(0)
-    state["attn_bias_for_masking"] = block_diagonal_bias(bb.scales).view(1, 1, L, L)  # stored, never used upstream
-    counts = torch.tensor(bb.scales.token_counts, dtype=torch.int32)
-    for i in range(len(bb.blocks)):
-        state[f"blocks.{i}.attn.zero_k_bias"] = torch.zeros(bb.width)
-        state[f"blocks.{i}.attn.patch_nums"] = counts.clone()
-    return state
+def _is_mvar(state) -> bool:
+    return "pos_1LC" in state and state["pos_1LC"].ndim == 3 and "blocks.0.mamba.A_log" in state
+
+
+# VAR's record otherwise: the same checked buffer, tokenizer, composition and (no) sampling defaults
+MVAR = register(replace(
+    VAR, kind="mvar", title="M-VAR", file="d16.pth", table=MVAR_TABLE, recognise=_is_mvar,
+    config_from_state=mvar_config_from_state, build=build_mvar, derived=mvar_buffers))

@@ -7,6 +7,7 @@ direction. A rule whose target is None marks an official key that scalegen rebui
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from typing import Mapping, Optional, Sequence
 
 import torch
@@ -14,6 +15,7 @@ import torch
 Rule = tuple[str, Optional[str]]
 
 
+@lru_cache(maxsize=None)
 def _regex(pattern: str) -> re.Pattern:
     out = re.escape(pattern).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{rest\}", r"(?P<rest>.+)")
     return re.compile(f"^{out}$")
@@ -28,6 +30,10 @@ def _rename(key: str, rules: Sequence[Rule], reverse: bool) -> tuple[bool, Optio
         if m:
             return True, None if dst is None else dst.format(**m.groupdict())
     return False, None
+
+
+def matches(key: str, pattern: str) -> bool:
+    return _regex(pattern).match(key) is not None
 
 
 def convert(state: Mapping[str, torch.Tensor], rules: Sequence[Rule], reverse: bool = False) -> tuple[dict, list[str]]:

@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 
 from scalegen.generators import AdaLNTransformer, Generator
 from scalegen.heads import CategoricalHead
-from scalegen.io import load_strict, read_checkpoint
-from scalegen.official.table import Rule, convert
+from scalegen.official.registry import Release, register
+from scalegen.official.table import Rule
+from scalegen.schedule.residual import ResidualComposition
 from scalegen.schedule.scales import VAR_256, VAR_512, VAR_1024, ScaleSchedule
 from scalegen.tokenizers import MultiScaleVQVAE
 
@@ -42,14 +42,21 @@ VAR_TABLE: list[Rule] = [
 _PRESET_BY_L = {ScaleSchedule.of(p).num_tokens: p for p in (VAR_256, VAR_512, VAR_1024)}
 
 
+# ---- the transformer (M-VAR and FlexVAR build on it) -------------------------------------------------------------------
+
+
 def _scales_from_levels(levels: torch.Tensor) -> tuple[int, ...] | None:
     counts = torch.bincount(levels.reshape(-1).long()).tolist()
     sides = [math.isqrt(n) for n in counts]
     return tuple(sides) if all(n > 0 and s * s == n for s, n in zip(sides, counts)) else None
 
 
-def var_config_from_state(state: dict, scales=None) -> dict:
-    """Infer the architecture of an official VAR state dict from its keys and shapes (never from the file name)."""
+def var_config_from_state(state: dict, scales=None, **overrides) -> dict:
+    """Infer the architecture of an official VAR state dict from its keys and shapes (never from the file name).
+
+    Without attn_l2_norm the head count leaves no trace in the shapes: it is taken as depth (VAR's rule) unless
+    `num_heads=` is given.
+    """
     L, width = state["pos_1LC"].shape[1:]
     depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
     if scales is None and L not in _PRESET_BY_L:  # not a preset: the level-id buffer of the file gives the schedule
@@ -59,50 +66,59 @@ def var_config_from_state(state: dict, scales=None) -> dict:
     scales = ScaleSchedule.of(scales or _PRESET_BY_L[L])
     if scales.num_tokens != L:
         raise ValueError(f"scales {scales.sizes} give {scales.num_tokens} tokens but pos_1LC has {L}")
-    return dict(
-        num_classes=state["class_emb.weight"].shape[0] - 1, token_dim=state["word_embed.weight"].shape[1],
-        scales=scales.sizes, depth=depth, width=width, num_heads=state["blocks.0.attn.scale_mul_1H11"].shape[1]
-        if "blocks.0.attn.scale_mul_1H11" in state else depth,
-        shared_aln="shared_ada_lin.1.weight" in state, attn_l2_norm="blocks.0.attn.scale_mul_1H11" in state,
-        vocab_size=state["head.weight"].shape[0],
-    )
+    l2 = "blocks.0.attn.scale_mul_1H11" in state
+    cfg = dict(num_classes=state["class_emb.weight"].shape[0] - 1, token_dim=state["word_embed.weight"].shape[1],
+               scales=scales.sizes, depth=depth, width=width,
+               num_heads=state["blocks.0.attn.scale_mul_1H11"].shape[1] if l2 else depth,
+               shared_aln="shared_ada_lin.1.weight" in state, attn_l2_norm=l2, vocab_size=state["head.weight"].shape[0])
+    return {**cfg, **overrides}
 
 
-def build_var(config: dict) -> Generator:
-    cfg = dict(config)
-    vocab = cfg.pop("vocab_size")
-    backbone = AdaLNTransformer(**cfg)
-    return Generator(backbone, CategoricalHead(backbone.width, backbone.width, vocab, backbone.blocks[0].norm.eps))
+def build_with(backbone: type):
+    """The builder of `backbone` + VAR's categorical head from a config (`vocab_size` is the head's)."""
+
+    def build(config: dict) -> Generator:
+        cfg = dict(config)
+        vocab = cfg.pop("vocab_size")
+        bb = backbone(**cfg)
+        return Generator(bb, CategoricalHead(bb.width, bb.width, vocab, bb.blocks[0].norm.eps))
+
+    return build
 
 
-def load_var(state: dict, config: dict | None = None, scales=None, **overrides) -> Generator:
-    """Official VAR state dict -> scalegen Generator, strictly (every key accounted for, shapes checked).
-
-    Without attn_l2_norm the head count leaves no trace in the shapes: it is taken as depth (VAR's rule) unless
-    `num_heads=` is given.
-    """
-    config = config or {**var_config_from_state(state, scales), **overrides}
-    gen = build_var(config)
-    ours, _ = convert(state, VAR_TABLE)
-    sched = gen.backbone.scales
-    if "lvl_1L" in state and not torch.equal(state["lvl_1L"].view(-1).long(), sched.level_ids()):
-        raise ValueError(f"lvl_1L in the checkpoint disagrees with scales {sched.sizes}")
-    load_strict(gen, ours, "VAR checkpoint")
-    return gen
+build_var = build_with(AdaLNTransformer)
 
 
-def export_var(gen: Generator) -> dict:
-    """scalegen Generator -> an official-layout VAR state dict (derived buffers included, as the release has them)."""
-    state, _ = convert(gen.state_dict(), VAR_TABLE, reverse=True)
+def adaln_buffers(gen: Generator, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The buffers every VAR-family release carries and scalegen rebuilds: the attention mask, the zero key biases."""
     bb = gen.backbone
-    state["lvl_1L"] = bb.scales.level_ids().unsqueeze(0)
-    state["attn_bias_for_masking"] = bb.scales.block_causal_bias().view(1, 1, bb.scales.num_tokens, -1)
-    for i, block in enumerate(bb.blocks):
-        state[f"blocks.{i}.attn.zero_k_bias"] = torch.zeros(bb.width)
-    return state
+    out = {"attn_bias_for_masking": mask.view(1, 1, bb.scales.num_tokens, -1)}
+    out.update((f"blocks.{i}.attn.zero_k_bias", torch.zeros(bb.width)) for i in range(len(bb.blocks)))
+    return out
 
 
-def vae_config_from_state(state: dict, **overrides) -> dict:
+def var_buffers(gen: Generator, mask=ScaleSchedule.block_causal_bias) -> dict[str, torch.Tensor]:
+    """adaln_buffers + the level id of every token (`lvl_1L`); `mask(schedule)` gives the attention mask."""
+    sched = gen.backbone.scales
+    return {"lvl_1L": sched.level_ids().unsqueeze(0), **adaln_buffers(gen, mask(sched))}
+
+
+def _is_var(state) -> bool:
+    """A position table with one row per token (FlexVAR's is a 2-D grid) and no Mamba2 (M-VAR's)."""
+    return "pos_1LC" in state and state["pos_1LC"].ndim == 3 and "blocks.0.mamba.A_log" not in state
+
+
+VAR = register(Release(
+    kind="var", title="VAR", file="var_d16.pth", table=VAR_TABLE, recognise=_is_var,
+    config_from_state=var_config_from_state, build=build_var, scales_key="scales",
+    derived=var_buffers, checked=("lvl_1L",),
+    tokenizer="vae", compose=lambda vae, gen: ResidualComposition(vae), token_key="word_embed.weight"))
+
+
+# ---- the VQVAE ----------------------------------------------------------------------------------------------------------
+
+
+def vae_config_from_state(state: dict, scales=None, **overrides) -> dict:
     """The VQVAE's sizes from its keys; the schedule and resampling settings are not in the file (defaults: release)."""
     ch = state["encoder.conv_in.weight"].shape[0]
     levels = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("encoder.down."))
@@ -119,43 +135,35 @@ def vae_config_from_state(state: dict, **overrides) -> dict:
                ch=ch, ch_mult=ch_mult, num_res_blocks=blocks, share_quant_resi=qsr,
                quant_conv_ks=state["quant_conv.weight"].shape[-1],
                using_sa=f"encoder.down.{levels - 1}.attn.0.qkv.weight" in state, using_mid_sa="encoder.mid.attn_1.qkv.weight" in state)
-    cfg.update(overrides)
-    return cfg
+    if scales:
+        cfg["v_patch_nums"] = tuple(scales)
+    return {**cfg, **overrides}
 
 
-def load_vae(state: dict, config: dict | None = None, **overrides) -> MultiScaleVQVAE:
-    config = config or vae_config_from_state(state, **overrides)
-    vae = MultiScaleVQVAE(**config)
-    ours, _ = convert(state, VAE_TABLE)
-    usage = vae.quantize.usage_ema
-    if ours.get("quantize.usage_ema", usage).shape != usage.shape:  # statistics of another schedule: keep ours (official)
-        ours["quantize.usage_ema"] = usage
-    load_strict(vae, ours, "VQVAE checkpoint")
-    return vae.eval().requires_grad_(False)
+def vae_table(vae: MultiScaleVQVAE) -> list[Rule]:
+    """VAE_TABLE with the rule of the model's phi sharing mode first: that naming wins on export."""
+    mode = VAE_TABLE[1 + [2, 1, 0].index(min(vae.quantize.share_quant_resi, 2))]
+    return [mode] + [r for r in VAE_TABLE if r != mode]
 
 
-def export_vae(vae: MultiScaleVQVAE) -> dict:
-    mode = min(vae.quantize.share_quant_resi, 2)  # the phi naming differs by sharing mode: keep that mode's rule
-    table = [VAE_TABLE[0], VAE_TABLE[1 + [2, 1, 0].index(mode)], VAE_TABLE[-1]]
-    state, _ = convert(vae.state_dict(), table, reverse=True)
-    return state
+def keep_own_usage(ours: dict, vae: MultiScaleVQVAE, converting: str | None) -> None:
+    """Usage statistics of another schedule: the model keeps its own; the converter, which stores the model alone,
+    asks for the schedule instead."""
+    usage, stats = getattr(getattr(vae, "quantize", None), "usage_ema", None), ours.get("quantize.usage_ema")
+    if usage is None or stats is None or stats.shape == usage.shape:
+        return
+    if converting and stats.shape[0] != usage.shape[0]:
+        raise ValueError(f"{converting}: quantize.ema_vocab_hit_SV holds statistics of {stats.shape[0]} scales: give the "
+                         "tokenizer's schedule with --scales (e.g. --scales 1,2,3,4)")
+    ours["quantize.usage_ema"] = usage
 
 
-def load_tokenizer_weights(tokenizer: torch.nn.Module, path) -> None:
-    """Tokenizer weights from a scalegen export (.safetensors), a scalegen training checkpoint or an official release."""
-    path = str(path)
-    if not Path(path).exists():
-        raise FileNotFoundError(f"tokenizer checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True) if path.endswith(".ckpt") else None
-    if ckpt is not None and "state_dict" in ckpt:  # a scalegen training checkpoint (MAR's kl16.ckpt is {"model": ...})
-        prefix = "tokenizer."
-        state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-    else:
-        state = read_checkpoint(path)
-    if any(k.startswith("quantize.quant_resi") or k == "quantize.ema_vocab_hit_SV" for k in state):  # VAR's release layout
-        state, _ = convert(state, VAE_TABLE)
-        usage = getattr(getattr(tokenizer, "quantize", None), "usage_ema", None)
-        if usage is not None and state.get("quantize.usage_ema", usage).shape != usage.shape:
-            state["quantize.usage_ema"] = usage
-    load_strict(tokenizer, state, f"tokenizer checkpoint {path}")
-    tokenizer.eval().requires_grad_(False)
+def _is_vae(state) -> bool:
+    """VAR's release layout: the phi convolutions are `quant_resi`, the usage statistics `ema_vocab_hit_SV`."""
+    return any(k.startswith("quantize.quant_resi") or k == "quantize.ema_vocab_hit_SV" for k in state)
+
+
+VAE = register(Release(
+    kind="vae", title="VQVAE", file="vae_ch160v4096z32.pth", table=VAE_TABLE, recognise=_is_vae,
+    config_from_state=vae_config_from_state, build=lambda config: MultiScaleVQVAE(**config), scales_key="v_patch_nums",
+    table_for=vae_table, reconcile=keep_own_usage))

@@ -1,7 +1,8 @@
 """Convolutional encoder/decoder shared by the VQ tokenizers (the LDM 'vq-f16' topology VAR uses).
 
 Parameter names follow the official VAR VQVAE (`encoder.down.{level}.block.{i}...`) so the converter's table is
-short. The attention block keeps VAR's single fused 1x1 `qkv` conv with channels ordered [q | k | v].
+short. The attention block keeps VAR's single fused 1x1 `qkv` conv with channels ordered [q | k | v]; `AttnBlockQKV`
+is the same attention with LDM's separate q/k/v convs (the KL and LlamaGen tokenizers' names).
 """
 from __future__ import annotations
 
@@ -49,6 +50,25 @@ class AttnBlock(nn.Module):
         weights = torch.bmm(q.transpose(1, 2).contiguous(), k.contiguous()).mul_(C**-0.5).softmax(dim=2)
         h = torch.bmm(v.contiguous(), weights.transpose(1, 2).contiguous()).view(B, C, H, W)
         return x + self.proj_out(h)
+
+
+class AttnBlockQKV(nn.Module):
+    """AttnBlock with LDM's separate 1x1 `q`, `k`, `v` convs, the names of MAR's KL VAE and LlamaGen's VQ (FlexVAE)."""
+
+    def __init__(self, channels: int, norm_groups: int = 32):
+        super().__init__()
+        self.norm = group_norm(channels, norm_groups)
+        self.q, self.k, self.v = (nn.Conv2d(channels, channels, 1) for _ in range(3))
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        q, k, v = (f(h).reshape(B, C, H * W) for f in (self.q, self.k, self.v))
+        # the official bmm order: (B, HW_q, HW_k) weights, then v @ weights^T
+        weights = torch.bmm(q.permute(0, 2, 1), k).mul(C**-0.5).softmax(dim=2)
+        out = torch.bmm(v, weights.permute(0, 2, 1)).reshape(B, C, H, W)
+        return x + self.proj_out(out)
 
 
 class Downsample(nn.Module):

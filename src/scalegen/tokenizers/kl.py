@@ -13,28 +13,9 @@ import torch
 import torch.nn as nn
 
 from scalegen.tokenizers import blocks as shared
-from scalegen.tokenizers.blocks import Downsample, ResnetBlock, Upsample, _level, group_norm
+from scalegen.tokenizers.blocks import AttnBlockQKV, Downsample, ResnetBlock, Upsample, _level, group_norm
 
 LATENT_MODES = ("sample", "mean")
-
-
-class AttnBlockQKV(nn.Module):
-    """Single-head self-attention over H*W positions with separate q, k, v convs (LDM's `AttnBlock`)."""
-
-    def __init__(self, channels: int, norm_groups: int = 32):
-        super().__init__()
-        self.norm = group_norm(channels, norm_groups)
-        self.q, self.k, self.v = (nn.Conv2d(channels, channels, 1) for _ in range(3))
-        self.proj_out = nn.Conv2d(channels, channels, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, C, H, W = x.shape
-        h = self.norm(x)
-        q, k, v = (f(h).reshape(B, C, H * W) for f in (self.q, self.k, self.v))
-        # the official bmm order: (B, HW_q, HW_k) weights, then v @ weights^T
-        weights = torch.bmm(q.permute(0, 2, 1), k).mul(C**-0.5).softmax(dim=2)
-        out = torch.bmm(v, weights.permute(0, 2, 1)).reshape(B, C, H, W)
-        return x + self.proj_out(out)
 
 
 def _mid(channels: int, dropout: float, groups: int) -> nn.Module:

@@ -11,9 +11,8 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from scalegen.tokenizers.blocks import Downsample, ResnetBlock as _ResnetBlock, Upsample, group_norm
+from scalegen.tokenizers.blocks import AttnBlockQKV, Downsample, ResnetBlock as _ResnetBlock, Upsample, group_norm
 
 
 def swish(x: torch.Tensor) -> torch.Tensor:
@@ -30,24 +29,6 @@ class ResnetBlock(_ResnetBlock):
         return self.nin_shortcut(x) + h
 
 
-class AttnBlock(nn.Module):
-    """Single-head self-attention over the H*W positions, with LlamaGen's separate q/k/v convs."""
-
-    def __init__(self, channels: int, norm_groups: int = 32):
-        super().__init__()
-        self.norm = group_norm(channels, norm_groups)
-        self.q, self.k, self.v = (nn.Conv2d(channels, channels, 1) for _ in range(3))
-        self.proj_out = nn.Conv2d(channels, channels, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, C, H, W = x.shape
-        h = self.norm(x)
-        q, k, v = (conv(h).reshape(B, C, H * W) for conv in (self.q, self.k, self.v))
-        # bmm order of the official block: weights (B, HW_q, HW_k), then v @ weights^T
-        weights = F.softmax(torch.bmm(q.permute(0, 2, 1), k) * (int(C) ** (-0.5)), dim=2)
-        return x + self.proj_out(torch.bmm(v, weights.permute(0, 2, 1)).reshape(B, C, H, W))
-
-
 def _level(res: list[nn.Module], attn: list[nn.Module]) -> nn.Module:
     level = nn.Module()
     level.res, level.attn = nn.ModuleList(res), nn.ModuleList(attn)
@@ -55,7 +36,7 @@ def _level(res: list[nn.Module], attn: list[nn.Module]) -> nn.Module:
 
 
 def _mid(channels: int, dropout: float, groups: int) -> nn.ModuleList:
-    return nn.ModuleList([ResnetBlock(channels, channels, dropout, groups), AttnBlock(channels, groups),
+    return nn.ModuleList([ResnetBlock(channels, channels, dropout, groups), AttnBlockQKV(channels, groups),
                           ResnetBlock(channels, channels, dropout, groups)])
 
 
@@ -83,7 +64,7 @@ class LlamaGenEncoder(nn.Module):
                 res.append(ResnetBlock(width, ch * mult, dropout, norm_groups))
                 width = ch * mult
                 if last:  # attention after every block of the coarsest level only
-                    attn.append(AttnBlock(width, norm_groups))
+                    attn.append(AttnBlockQKV(width, norm_groups))
             level = _level(res, attn)
             if not last:
                 level.downsample = Downsample(width)
@@ -119,7 +100,7 @@ class LlamaGenDecoder(nn.Module):
                 res.append(ResnetBlock(width, ch * ch_mult[i], dropout, norm_groups))
                 width = ch * ch_mult[i]
                 if i == len(ch_mult) - 1:
-                    attn.append(AttnBlock(width, norm_groups))
+                    attn.append(AttnBlockQKV(width, norm_groups))
             level = _level(res, attn)
             if i != 0:
                 level.upsample = Upsample(width)
