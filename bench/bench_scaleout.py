@@ -19,16 +19,13 @@ import time
 from pathlib import Path
 
 import torch
-
-REPO = Path(__file__).resolve().parents[1]
+from _harness import config, timed  # bench/ is on sys.path when run as a script
 
 
 def d16(with_tokenizer: bool = False):
-    from hydra import compose, initialize_config_dir
     from scalegen.build import build_generator, build_tokenizer
 
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        cfg = compose("train", overrides=["experiment=var_d16", "data.root=/unused"])
+    cfg = config("experiment=var_d16", "data.root=/unused")
     torch.manual_seed(0)
     with torch.device("meta"):
         tokenizer = build_tokenizer(cfg)  # only its composition tables are needed for the step
@@ -69,16 +66,6 @@ class _null:
         return False
 
 
-def timed(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def bench_step(repeats: int) -> list[tuple[str, str, str]]:
     from scalegen.scaleout.distributed import checkpoint_blocks
 
@@ -91,7 +78,7 @@ def bench_step(repeats: int) -> list[tuple[str, str, str]]:
         opt = torch.optim.AdamW(generator.parameters(), lr=1e-4)
         batch = fake_batch(composition, 1)
         saved = train_step(generator, composition, batch, opt, count_saved=True)
-        seconds = timed(lambda: train_step(generator, composition, batch, opt), repeats)
+        seconds = statistics.median(timed(lambda: train_step(generator, composition, batch, opt), repeats))
         rows.append((f"d16 step, 1 process, batch 1, activation ckpt {'on' if ac else 'off'}", f"{seconds:.2f} s",
                      f"saved for backward {saved / 2**20:.0f} MiB"))
         del generator, opt
@@ -112,7 +99,7 @@ def _fsdp_rank(rank: int, port: int, repeats: int, queue) -> None:
     opt = torch.optim.AdamW(generator.parameters(), lr=1e-4)
     torch.manual_seed(rank)
     batch = fake_batch(composition, 1)
-    seconds = timed(lambda: train_step(generator, composition, batch, opt), repeats)
+    seconds = statistics.median(timed(lambda: train_step(generator, composition, batch, opt), repeats))
     local = sum(p.to_local().numel() for p in generator.parameters())
     if rank == 0:
         queue.put((seconds, local, sum(p.numel() for p in generator.parameters())))
@@ -136,7 +123,6 @@ def bench_fsdp(repeats: int) -> list[tuple[str, str, str]]:
 
 
 def bench_cache_and_load(tmp: Path) -> list[tuple[str, str, str]]:
-    from hydra import compose, initialize_config_dir
     from scalegen.build import build_tokenizer
     from scalegen.scaleout.cache_latents import parse_args, run
     from scalegen.io import save_safetensors
@@ -144,8 +130,7 @@ def bench_cache_and_load(tmp: Path) -> list[tuple[str, str, str]]:
     from scalegen.data.latents import LatentsDataModule
 
     rows = []
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        cfg = compose("train")
+    cfg = config()
     torch.manual_seed(0)
     tokenizer = build_tokenizer(cfg).eval()
     save_safetensors(tokenizer.state_dict(), tmp / "tok.safetensors")
@@ -181,15 +166,14 @@ def bench_cache_and_load(tmp: Path) -> list[tuple[str, str, str]]:
     rows.append(("load 32 px digits: images + on-the-fly msvq_digits encode", f"{rate_fly:.0f} samples/s", ""))
 
     # 256 px: VAR's tokenizer on the fly vs reading 16x16x32 latents from a cache of the same layout
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        var = compose("train", overrides=["experiment=var_d16", "data.root=/unused"])
+    var = config("experiment=var_d16", "data.root=/unused")
     vae = build_tokenizer(var).eval()
     images = torch.rand(4, 3, 256, 256) * 2 - 1
 
     def vae_encode():
         with torch.no_grad():
             vae.encode(images)
-    per_batch = timed(vae_encode, 1)
+    per_batch = statistics.median(timed(vae_encode, 1))
     rows.append(("256 px: msvq_var (VAR's VQVAE) encode on the fly, batch 4", f"{4 / per_batch:.1f} samples/s", ""))
     _fake_cache(tmp / "cache256", 4096, (32, 16, 16))
     big = LatentsDataModule(str(tmp / "cache256"), batch_size=64, num_workers=0)

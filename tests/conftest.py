@@ -1,9 +1,15 @@
-"""Where the golden files of the official code live, and how a parity test gets one of them.
+"""What the test files share: the repository path, the Hydra compose helper, tiny stand-ins, thread counts, and
+where the golden files of the official code live.
 
-The folder is `$SCALEGEN_PARITY_DIR`, else `../shared/parity` beside the repository (resolved from this file, not
-from the working directory). A test marked `@pytest.mark.parity("<method>")` that takes a `golden_file` argument
-runs once per `.pt` file in `<parity dir>/<method>/` found at collection, with the file name as its id. Without
-the folder the test is skipped, saying why; a folder without any `.pt` file fails.
+Golden files: the folder is `$SCALEGEN_PARITY_DIR`, else `../shared/parity` beside the repository (resolved from
+this file, not from the working directory). A test marked `@pytest.mark.parity("<method>")` that takes a
+`golden_file` argument runs once per `.pt` file in `<parity dir>/<method>/` found at collection, with the file name
+as its id. Without the folder the test is skipped, saying why; a folder without any `.pt` file fails.
+
+Threads: a module marked `pytestmark = pytest.mark.threads(n)` runs (with its module fixtures) on n intra-op threads.
+
+Test files import the plain helpers: `from conftest import REPO, compose_cfg` (tests/ is on sys.path under pytest's
+default import mode).
 """
 from __future__ import annotations
 
@@ -11,12 +17,79 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+from hydra import compose, initialize_config_dir
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from scalegen.build import build_module
+from scalegen.tokenizers import MultiScaleVQVAE
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def compose_cfg(*overrides: str, config: str = "train", hydra_config: bool = False):
+    """`configs/<config>.yaml` with the overrides; `hydra_config` keeps the `hydra` node (launcher settings)."""
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        return compose(config, overrides=list(overrides), return_hydra_config=hydra_config)
+
+
+# ---- tiny stand-ins ------------------------------------------------------------------------------------------------
+
+
+class LatentsAsImages(torch.nn.Module):
+    """A continuous tokenizer whose latent is its input: tests (and goldens) that start from given latents."""
+
+    discrete = False
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.latent_channels = channels
+
+    def encode(self, x):
+        return x
+
+    def decode(self, x):
+        return x
+
+
+def tiny_module(*overrides: str, num_classes: int = 10):
+    """The default training module (VAR on the digits) with a 1-block, 32-wide backbone and random weights."""
+    return build_module(compose_cfg("backbone.depth=1", "backbone.width=32", "backbone.num_heads=2", *overrides),
+                        num_classes)
+
+
+def tiny_vq(scales=(1, 2, 4)) -> MultiScaleVQVAE:
+    """A multi-scale VQVAE, 8x8 images -> 4x4x8 latent, 32 codes (16x16 -> 8x8 with scales ending in 8); train mode."""
+    return MultiScaleVQVAE(vocab_size=32, z_channels=8, ch=32, ch_mult=(1, 1), num_res_blocks=1, v_patch_nums=scales,
+                           using_sa=False, using_mid_sa=False)
+
+
+# ---- thread counts -------------------------------------------------------------------------------------------------
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "threads(n): run the module (and its module fixtures) on n torch intra-op threads")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_threads(request: pytest.FixtureRequest):
+    """Parity modules take the count their goldens were made with: CPU reductions (convs, matmuls) sum in an order
+    that depends on it, which moves floats by ~1e-5. Other modules take 1: tiny models only lose from more threads
+    (and stall on a busy machine)."""
+    marker = request.node.get_closest_marker("threads")
+    if marker is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(marker.args[0])
+    yield
+    torch.set_num_threads(before)
+
+
+# ---- golden files of the official code ----------------------------------------------------------------------------
 
 
 def parity_dir(method: str = "") -> Path:
-    root = Path(os.environ.get("SCALEGEN_PARITY_DIR") or REPO_ROOT.parent / "shared" / "parity")
+    root = Path(os.environ.get("SCALEGEN_PARITY_DIR") or REPO.parent / "shared" / "parity")
     return root / method if method else root
 
 
@@ -42,3 +115,22 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 def parity_root() -> Path:
     """The parity folder itself (for tests that pick their files by name)."""
     return parity_dir()
+
+
+@pytest.fixture(scope="module")
+def max_diffs(request: pytest.FixtureRequest):
+    """(file, quantity) -> (max |ours - golden|, tolerance) of a parity module (see tests/parity.py); printed at the
+    end of the module, even without `-s`."""
+    table: dict = {}
+    yield table
+    if not table:
+        return
+    marker = request.node.get_closest_marker("threads")
+    threads = marker.args[0] if marker else torch.get_num_threads()
+    method = request.module.__name__.removeprefix("test_parity_")
+    fw, qw = (max(len(key[i]) for key in table) + 2 for i in (0, 1))
+    lines = ["", f"{method} parity: max |ours - golden| per file and quantity (CPU, float32, "
+                 f"{threads} thread{'s' if threads != 1 else ''})"]
+    lines += [f"  {f:<{fw}}{q:<{qw}}{d:<12.3g}{tol}" for (f, q), (d, tol) in sorted(table.items())]
+    with request.config.pluginmanager.getplugin("capturemanager").global_and_fixture_disabled():
+        print("\n".join(lines))

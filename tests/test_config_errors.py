@@ -4,18 +4,15 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import REPO, compose_cfg
 from omegaconf import OmegaConf
 
 from scalegen.build import check_generator_config
 from scalegen.errors import ConfigError
 from scalegen.io import CheckpointMismatch, load_strict
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 class ContinuousTok(torch.nn.Module):
@@ -26,11 +23,6 @@ class ContinuousTok(torch.nn.Module):
 
     def __init__(self, z_channels: int = 16):
         super().__init__()
-
-
-def compose_cfg(*overrides):
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
 
 
 def test_default_config_checks():

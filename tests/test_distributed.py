@@ -12,14 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import REPO, compose_cfg
 
 from scalegen.build import build_tokenizer
 from scalegen.io import save_safetensors
 from scalegen.scaleout.consolidate import consolidate
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -30,8 +29,7 @@ def free_port() -> int:
 
 def run_two_ranks(out: Path, *overrides: str) -> None:
     out.mkdir(parents=True)
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        cfg = compose("train")
+    cfg = compose_cfg()
     torch.manual_seed(0)
     save_safetensors(build_tokenizer(cfg).state_dict(), out / "tok.safetensors")
     port = free_port()
@@ -110,8 +108,7 @@ def test_trainer_presets_compose_and_build_their_strategy(preset):
     from scalegen.scaleout.distributed import FSDP1Strategy, FSDP2Strategy
     from scalegen.generators import AdaLNBlock
 
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        cfg = compose("train", overrides=[f"trainer={preset}"])
+    cfg = compose_cfg(f"trainer={preset}")
     strategy = instantiate(cfg.trainer.strategy) if not isinstance(cfg.trainer.strategy, str) else cfg.trainer.strategy
     expected = {"cpu": "auto", "gpu": "auto", "ddp": "ddp"}
     if preset in expected:

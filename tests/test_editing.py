@@ -4,12 +4,10 @@ The models are randomly initialised (the mechanics do not need a trained one): a
 known region must be the input image's, the others sampled; sample.py runs the same through its `edit` group.
 """
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import compose_cfg
 from PIL import Image
 
 from scalegen.build import build_generator, build_tokenizer, check_generator_config, run_config
@@ -17,25 +15,12 @@ from scalegen.data import DigitsDataModule
 from scalegen.generation.editing import KnownTokens, edit, expand_canvas, known_tokens, stretched, token_masks
 from scalegen.training.module import GeneratorModule
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def compose_cfg(name: str, *overrides):
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        return compose(name, overrides=list(overrides))
+pytestmark = pytest.mark.threads(1)
 
 
 def module_for(model: str, seed: int = 0):
     # FlowAR's KL tokenizer wants its latent scale measured on data; any value does for the mechanics
-    cfg = compose_cfg("train", f"model={model}", *(["tokenizer.scale_factor=1.0"] if model == "flowar" else []))
+    cfg = compose_cfg(f"model={model}", *(["tokenizer.scale_factor=1.0"] if model == "flowar" else []))
     check_generator_config(cfg)
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(cfg)
@@ -160,8 +145,8 @@ def test_sample_py_edit_group(digits, tmp_path):
     Image.fromarray(mask).save(tmp_path / "mask.png")
     for name, edit_opts in (("inpaint", [f"edit.mask={tmp_path / 'mask.png'}"]), ("expand", ["edit.expand=[8,8,0,16]"])):
         out = tmp_path / name
-        sample_cfg = compose_cfg("sample", f"ckpt={ckpt}", "labels=[3,5]", f"out_dir={out}", "batch_size=2",
-                                 f"edit.image={tmp_path / 'digit.png'}", *edit_opts)
+        sample_cfg = compose_cfg(f"ckpt={ckpt}", "labels=[3,5]", f"out_dir={out}", "batch_size=2",
+                                 f"edit.image={tmp_path / 'digit.png'}", *edit_opts, config="sample")
         OmegaConf.set_struct(sample_cfg, False)
         sample_to_folder(sample_cfg)
         with np.load(out / "samples.npz") as data:
@@ -171,6 +156,6 @@ def test_sample_py_edit_group(digits, tmp_path):
     torch.save({"scalegen_config": run_config(var_cfg), "state_dict": var.state_dict()}, tmp_path / "var.ckpt")
     from scalegen.errors import ConfigError
     with pytest.raises(ConfigError, match="scales"):
-        sample_to_folder(compose_cfg("sample", f"ckpt={tmp_path / 'var.ckpt'}", "labels=[1]", "scales=[1,2,4,8]",
-                                     f"out_dir={tmp_path / 'var_out'}"))
+        sample_to_folder(compose_cfg(f"ckpt={tmp_path / 'var.ckpt'}", "labels=[1]", "scales=[1,2,4,8]",
+                                     f"out_dir={tmp_path / 'var_out'}", config="sample"))
     assert not (tmp_path / "var_out" / "images").exists() or not any((tmp_path / "var_out" / "images").iterdir())

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_module
 from PIL import Image
 from scipy import linalg
 
@@ -18,16 +19,8 @@ from scalegen.eval import classifier as digits
 from scalegen.eval.metrics import (INCEPTION_FILE, Evaluator, UInt8Images, export_fid_stats_to_fidelity_cache,
                                    reference_from_folder, reference_from_images, reference_from_npz)
 
-REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.threads(1)
 D = 6  # feature dimension of the test extractor below
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -256,15 +249,6 @@ def test_classifier_accuracy_and_metrics_in_its_feature_space(classifier_file, r
 
 
 # -- the callback in a 2-step run ------------------------------------------------------------------------------------
-def tiny_module(num_classes: int = 10):
-    from hydra import compose, initialize_config_dir
-    from scalegen.build import build_module
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        cfg = compose("train", overrides=["backbone.depth=1", "backbone.width=32", "backbone.num_heads=2",
-                                          "data.batch_size=8"])
-    return build_module(cfg, num_classes)
-
-
 def test_callback_in_a_two_step_run(classifier_file, tmp_path):
     import lightning as L
     from lightning.pytorch.loggers import CSVLogger
@@ -272,7 +256,7 @@ def test_callback_in_a_two_step_run(classifier_file, tmp_path):
     from scalegen.eval.callback import EvalCallback, TrainingStats
 
     L.seed_everything(0)
-    module = tiny_module()
+    module = tiny_module("data.batch_size=8")
     cb = EvalCallback(every_n_steps=1, per_class=2, batch_size=8, classifier=str(classifier_file),
                       cache_dir=str(tmp_path / "cache"), kid_subset_size=10)
     trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=CSVLogger(str(tmp_path), name="", version=""),

@@ -2,14 +2,13 @@
 random training schedules, the presets, the official key tables and loaders, and the config-time refusals."""
 
 import importlib
-import warnings
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
+from conftest import REPO, compose_cfg
 from torch.utils.data import DataLoader, TensorDataset
 
 from scalegen.schedule.anyscale import RandomScales, using_scales
@@ -30,24 +29,10 @@ from scalegen.tokenizers.flexvq import FlexVAE
 from scalegen.tokenizers.train import TokenizerModule
 
 convert_cli = importlib.import_module("scalegen.official.convert")
-REPO = Path(__file__).resolve().parents[1]
 OFFICIAL_PARAMS = {16: 315_561_936, 20: 607_513_952, 24: 1_041_314_576}
 FLEXVAE_PARAMS = 72_049_827
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", ".*does not have many workers.*")
-        yield
-    torch.set_num_threads(threads)
-
-
-def compose_cfg(*overrides):
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
+pytestmark = [pytest.mark.threads(1), pytest.mark.filterwarnings("ignore:.*does not have many workers.*")]
 
 
 def tiny_vae(seed: int = 0) -> FlexVAE:

@@ -5,12 +5,11 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import REPO, LatentsAsImages, compose_cfg, parity_dir
 
 from scalegen.build import build_generator, build_module, build_tokenizer, check_generator_config
 from scalegen.errors import ConfigError
@@ -26,23 +25,9 @@ from scalegen.schedule.scales import area_down, bicubic_up
 from scalegen.tokenizers.kl import AutoencoderKL
 from scalegen.tokenizers.latent_stats import latent_moments
 
-REPO = Path(__file__).resolve().parents[1]
-KEYS = REPO.parent / "shared" / "parity" / "keys"
-PARITY = Path(os.environ.get("SCALEGEN_PARITY_DIR") or REPO.parent / "shared" / "parity") / "flowar"
-pytestmark = pytest.mark.filterwarnings("ignore:.*module\\(s\\) in eval mode", "ignore:.*training_step. returned .None.")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def compose_cfg(*overrides):
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
+KEYS, PARITY = parity_dir("keys"), parity_dir("flowar")
+pytestmark = [pytest.mark.threads(1),
+              pytest.mark.filterwarnings("ignore:.*module\\(s\\) in eval mode", "ignore:.*training_step. returned .None.")]
 
 
 def tiny_flowar(token_dim=4, scales=(1, 2, 4), cross=False, drop=0.0, num_classes=10):
@@ -51,20 +36,6 @@ def tiny_flowar(token_dim=4, scales=(1, 2, 4), cross=False, drop=0.0, num_classe
     head = FlowHead(32, 32, token_dim=token_dim, scales=backbone.scales.sizes, flow_width=64, depth=1, cross=cross,
                     num_steps=4)
     return Generator(backbone, head)
-
-
-class Identity(torch.nn.Module):
-    discrete = False
-
-    def __init__(self, channels):
-        super().__init__()
-        self.latent_channels = channels
-
-    def encode(self, x):
-        return x
-
-    def decode(self, x):
-        return x
 
 
 def read_keys(name: str) -> dict:
@@ -106,7 +77,7 @@ def test_presets_match_official_counts_and_keys(preset, count, keys):
 def test_direct_composition_chain_uses_the_latent_size():
     torch.manual_seed(0)
     latent = torch.randn(2, 3, 8, 8)
-    comp = DirectComposition(Identity(3), [1, 2, 4, 8])
+    comp = DirectComposition(LatentsAsImages(3), [1, 2, 4, 8])
     targets = comp.targets(latent)
     assert [t.shape for t in targets] == [(2, n * n, 3) for n in (1, 2, 4, 8)]
     assert torch.equal(targets[-1], to_tokens(latent)) and torch.equal(targets[1], to_tokens(area_down(latent, (2, 2))))
@@ -117,7 +88,7 @@ def test_direct_composition_chain_uses_the_latent_size():
     # generation feeds the same chain (the official sampler's hard-coded 16x16 is opt-in, and differs here)
     nxt = [comp.advance(k, None, targets[k])[1] for k in range(3)]
     assert torch.equal(torch.cat(nxt, dim=1), inputs)
-    official = DirectComposition(Identity(3), [1, 2, 4, 8], sample_up_size=16)
+    official = DirectComposition(LatentsAsImages(3), [1, 2, 4, 8], sample_up_size=16)
     assert not torch.allclose(official.advance(1, None, targets[1])[1], nxt[1])
     state, last = comp.advance(3, None, targets[3])
     assert last is None and torch.equal(state, latent)
@@ -170,7 +141,7 @@ def test_time_grids_and_time_truncation():
 def test_sampling_with_cfg_1_in_train_mode_any_channels():
     torch.manual_seed(0)
     gen = tiny_flowar(token_dim=3, cross=True, drop=0.1).train()  # dropout on: the official sampler crashes here
-    comp = DirectComposition(Identity(3), gen.backbone.scales.sizes)
+    comp = DirectComposition(LatentsAsImages(3), gen.backbone.scales.sizes)
     labels = torch.tensor([2, 5])
     out = generate(gen.backbone, gen.head, comp, labels, cfg=1.0, cfg_schedule="flowar",
                    generator=torch.Generator().manual_seed(0), num_steps=3)

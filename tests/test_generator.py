@@ -1,10 +1,8 @@
 """The generator: KV-cached generation = the teacher-forced forward, guidance, samplers, VAR's init, the presets."""
 
-from pathlib import Path
-
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import REPO, compose_cfg, tiny_vq
 
 from scalegen.build import build_generator, build_tokenizer, check_generator_config
 from scalegen.schedule.residual import ResidualComposition
@@ -14,16 +12,8 @@ from scalegen.heads import CategoricalHead, sample_tokens, top_k_top_p_
 from scalegen.generation.loop import generate
 from scalegen.tokenizers import MultiScaleVQVAE
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: more threads only add overhead
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.threads(1)
 
 
 def tiny_generator(scales=(1, 2, 3), token_dim=8, vocab=16, num_classes=5, shared_aln=False, attn_l2_norm=True):
@@ -74,9 +64,7 @@ def test_kv_cache_equals_full_forward(shared_aln, attn_l2_norm):
 
 
 def tiny_vae(scales=(1, 2, 4)) -> MultiScaleVQVAE:
-    """8x8 images -> 4x4x8 latent, 32 codes."""
-    return MultiScaleVQVAE(vocab_size=32, z_channels=8, ch=32, ch_mult=(1, 1), num_res_blocks=1, v_patch_nums=scales,
-                           using_sa=False, using_mid_sa=False).eval()
+    return tiny_vq(scales).eval()
 
 
 def record_generation(gen, composition, labels, **kw):
@@ -312,14 +300,9 @@ OFFICIAL_PARAMS = {16: 310_283_520, 20: 600_917_136, 24: 1_033_399_360, 30: 2_01
 VAE_PARAMS = 108_948_355
 
 
-def compose_cfg(overrides):
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return compose("train", overrides=overrides)
-
-
 @pytest.mark.parametrize("depth", sorted(OFFICIAL_PARAMS))
 def test_var_presets_match_official_parameter_counts(depth):
-    cfg = compose_cfg([f"experiment=var_d{depth}", "data.root=/x"])
+    cfg = compose_cfg(f"experiment=var_d{depth}", "data.root=/x")
     check_generator_config(cfg)
     with torch.device("meta"):
         tok = build_tokenizer(cfg)
@@ -341,5 +324,5 @@ def test_experiments_found():
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_every_experiment_config_checks(name):
-    cfg = compose_cfg([f"experiment={name}", "++data.root=/x"])  # ++: experiment=compare keeps the digits (no root)
+    cfg = compose_cfg(f"experiment={name}", "++data.root=/x")  # ++: experiment=compare keeps the digits (no root)
     check_generator_config(cfg)

@@ -2,12 +2,11 @@
 the cache without decoding an image (~25 s)."""
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import compose_cfg
 from omegaconf import OmegaConf, open_dict
 
 from scalegen.build import build_module, build_tokenizer
@@ -16,22 +15,9 @@ from scalegen.io import save_safetensors
 from scalegen.data import DigitsDataModule
 from scalegen.data.latents import LatentsDataModule, LatentShards, latent_from_moments
 
-REPO = Path(__file__).resolve().parents[1]
 SHARD = 64
 SMALL = "data.val_fraction=0.9"  # ~180 train images: the cache stays a few seconds of work
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def compose_cfg(*overrides):
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
+pytestmark = pytest.mark.threads(1)
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,7 @@ import torch.nn.functional as F
 from scalegen.generators import mamba2 as mamba2_module
 from scalegen.generators.mamba2 import Mamba2, ssd_scan
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.threads(1)
 
 
 def recurrence(x, dt, A, B, C, h0=None):

@@ -4,12 +4,12 @@ scale size, shared AdaLN, the presets' parameter counts, the release key list, t
 import ast
 import importlib
 import math
-import zlib
 from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import compose_cfg
+from parity import keyed_vae_state
 
 from scalegen.build import build_generator, build_tokenizer, check_generator_config
 from scalegen.generators import Generator, MambaAdaLNTransformer
@@ -22,15 +22,7 @@ from scalegen.official.mvar import build_mvar, mvar_config_from_state
 from scalegen.pretrained import load_generator
 
 convert_cli = importlib.import_module("scalegen.official.convert")
-REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.threads(1)
 
 
 def tiny_mvar(scales=(1, 2, 3), shared_aln=False, attn_l2_norm=False, seed=0, token_dim=8, vocab=16) -> Generator:
@@ -144,14 +136,9 @@ OFFICIAL_PARAMS = {12: 198_435_424, 16: 464_157_184, 20: 900_528_736, 24: 1_550_
                    32: 3_658_707_968}
 
 
-def compose_cfg(overrides):
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        return compose("train", overrides=overrides)
-
-
 @pytest.mark.parametrize("depth", sorted(OFFICIAL_PARAMS))
 def test_mvar_presets_match_official_parameter_counts(depth):
-    cfg = compose_cfg([f"experiment=mvar_d{depth}", "data.root=/x"])
+    cfg = compose_cfg(f"experiment=mvar_d{depth}", "data.root=/x")
     check_generator_config(cfg)
     with torch.device("meta"):
         gen, comp = build_generator(cfg, build_tokenizer(cfg), 1000)
@@ -194,19 +181,6 @@ def test_attn_l2_norm_is_read_from_the_keys_not_the_depth(depth, l2):
         gen = build_mvar({**D16, "depth": depth, "width": 64, "num_heads": 2, "attn_l2_norm": l2})
     state = export("mvar", gen)
     assert mvar_config_from_state(state)["attn_l2_norm"] is l2
-
-
-def keyed_vae_state(golden: dict) -> dict:
-    """The tiny VQVAE of the golden file, from its README's per-key seed rule."""
-    out = {}
-    for key, (_, _, shape) in golden["vqvae_key_checksums"].items():
-        r = torch.randn(tuple(shape), generator=torch.Generator().manual_seed(zlib.crc32(key.encode())))
-        module = key.rsplit(".", 2)[-2]
-        out[key] = (torch.zeros(tuple(shape)) if key.endswith("ema_vocab_hit_SV") else
-                    (1 + 0.1 * r if key.endswith("weight") else 0.1 * r) if module.startswith("norm") else
-                    0.5 * r if key == "quantize.embedding.weight" else
-                    r / math.prod(shape[1:]) ** 0.5 if key.endswith(".weight") else 0.02 * r)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import REPO, compose_cfg
 
 from scalegen.build import build_module
 from scalegen.generators import MambaAdaLNTransformer
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 SMALL = ["trainer.max_steps=2", "tokenizer_training.max_steps=2", "trainer.val_check_interval=2",
          "trainer.log_every_n_steps=1", "sample.per_class=1", "data.batch_size=8"]
@@ -68,9 +67,8 @@ def test_mamba_backbone_with_the_flow_head_trains(tmp_path):
 def test_categorical_mamba_on_other_scale_lists(scales):
     """The residual tokens follow `scales` (the tokenizer's v_patch_nums interpolates it): loss, backward, generation."""
     torch.manual_seed(0)
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        cfg = compose("train", overrides=["model=mvar", f"scales={scales}", "backbone.depth=2", "backbone.width=64",
-                                          "backbone.num_heads=2", "backbone.headdim=32", "backbone.d_state=16"])
+    cfg = compose_cfg("model=mvar", f"scales={scales}", "backbone.depth=2", "backbone.width=64", "backbone.num_heads=2",
+                      "backbone.headdim=32", "backbone.d_state=16")
     module = build_module(cfg, num_classes=10)
     assert isinstance(module.generator.backbone, MambaAdaLNTransformer)
     images, labels = torch.rand(4, 3, 32, 32) * 2 - 1, torch.tensor([0, 3, 5, 9])
@@ -84,9 +82,7 @@ def test_categorical_mamba_on_other_scale_lists(scales):
 
 def flexvar_module(*overrides: str):
     torch.manual_seed(0)
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        cfg = compose("train", overrides=["model=flexvar", "backbone.depth=2", "backbone.width=64", "backbone.num_heads=2",
-                                          *overrides])
+    cfg = compose_cfg("model=flexvar", "backbone.depth=2", "backbone.width=64", "backbone.num_heads=2", *overrides)
     return build_module(cfg, num_classes=10)
 
 

@@ -25,12 +25,7 @@ from scalegen.tokenizers import MultiScaleVQVAE
 convert_cli = importlib.import_module("scalegen.official.convert")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.threads(1)
 
 
 def read_keys(path: Path) -> dict:

@@ -8,12 +8,11 @@ quantity is printed at the end of the module). The goldens were made with 2 torc
 """
 from __future__ import annotations
 
-import functools
-import math
 from pathlib import Path
 
 import pytest
 import torch
+from parity import Parity, load_golden
 
 from scalegen.schedule.direct_vq import DirectVQComposition
 from scalegen import official
@@ -23,75 +22,7 @@ from scalegen.schedule.scales import bicubic_up
 
 ATOL = 1e-4  # the issue's bound for every float; indices and generator states are compared exactly
 
-
-@pytest.fixture(scope="module", autouse=True)
-def two_threads():
-    """The goldens were made with 2 intra-op threads; CPU conv reductions depend on the count (README sec. 4)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def max_diffs(request):
-    table: dict = {}
-    yield table
-    if table:
-        lines = ["", "FlexVAR parity: max |ours - golden| per file and quantity (CPU, float32, 2 threads)"]
-        lines += [f"  {f:<24}{q:<52}{d:.3g}" for (f, q), d in sorted(table.items())]
-        with request.config.pluginmanager.getplugin("capturemanager").global_and_fixture_disabled():
-            print("\n".join(lines))
-
-
-class Check:
-    def __init__(self, file: str, maxima: dict):
-        self.file, self.maxima, self.misses = file, maxima, []
-
-    def _pairs(self, name, ours, ref):
-        if isinstance(ref, (list, tuple)):
-            if len(ours) != len(ref):
-                self.misses.append(f"{name}: {len(ours)} entries, golden {len(ref)}")
-                return []
-            return [(f"{name}[{i}]", a, b) for i, (a, b) in enumerate(zip(ours, ref))]
-        return [(name, ours, ref)]
-
-    def close(self, name: str, ours, ref, atol: float = ATOL) -> None:
-        """Floats within atol; -inf (masked logits) at the same places."""
-        for where, a, b in self._pairs(name, ours, ref):
-            if a.shape != b.shape:
-                self.misses.append(f"{where}: shape {tuple(a.shape)}, golden {tuple(b.shape)}")
-                continue
-            a, b = a.detach().double(), b.double()
-            if not torch.equal(a.isinf(), b.isinf()):
-                self.misses.append(f"{where}: infinite entries at other places")
-                continue
-            diff = torch.where(b.isinf(), 0.0, a - b).abs().max().item() if a.numel() else 0.0
-            key = (self.file, name)
-            self.maxima[key] = max(self.maxima.get(key, 0.0), diff if not math.isnan(diff) else math.inf)
-            if not diff <= atol:
-                self.misses.append(f"{where}: max |diff| {diff:.3g} > {atol:g}")
-
-    def exact(self, name: str, ours, ref) -> None:
-        for where, a, b in self._pairs(name, ours, ref):
-            if a.shape != b.shape or not torch.equal(a, b):
-                wrong = "shape" if a.shape != b.shape else f"{int((a != b).sum())}/{a.numel()} entries"
-                self.misses.append(f"{where}: {wrong} differ")
-            self.maxima.setdefault((self.file, name + " (exact)"), 0.0)
-
-    def equal(self, name: str, ours, ref) -> None:
-        if ours != ref:
-            self.misses.append(f"{name}: ours {ours!r}, golden {ref!r}")
-
-    def finish(self) -> None:
-        if self.misses:
-            pytest.fail(f"{self.file}: {len(self.misses)} mismatches with the official code:\n  " + "\n  ".join(self.misses),
-                        pytrace=False)
-
-
-@functools.lru_cache(maxsize=None)
-def load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+pytestmark = pytest.mark.threads(2)  # the goldens were made with 2 threads (see conftest.py)
 
 
 def kind(g) -> str | None:
@@ -110,7 +41,7 @@ def kind(g) -> str | None:
 
 def golden_of(folder: Path, wanted: str) -> dict:
     """The folder's golden of another kind (the recon and sampling files reuse the tokenizer's/transformer's weights)."""
-    found = [load(p) for p in sorted(folder.glob("*.pt")) if kind(load(p)) == wanted]
+    found = [load_golden(p) for p in sorted(folder.glob("*.pt")) if kind(load_golden(p)) == wanted]
     assert found, f"no {wanted} golden in {folder}: the recon and sampling goldens are made with its weights"
     return found[0]
 
@@ -130,10 +61,10 @@ def transformer_from(g: dict, scales):
 @pytest.mark.parity("flexvar")
 def test_golden(golden_file: Path, max_diffs):
     assert golden_file.is_file(), f"no .pt golden files in {golden_file}"
-    g = load(golden_file)
+    g = load_golden(golden_file)
     what = kind(g)
     assert what, f"{golden_file.name}: unknown golden format (keys {sorted(g)[:10] if isinstance(g, dict) else type(g)})"
-    check = Check(golden_file.name, max_diffs)
+    check = Parity(golden_file.name, max_diffs, atol=ATOL)
     with torch.no_grad():
         {"tokenizer": check_tokenizer, "recon": check_recon, "transformer": check_transformer,
          "sampling": check_sampling}[what](g, golden_file.parent, check)
@@ -143,7 +74,7 @@ def test_golden(golden_file: Path, max_diffs):
 # ---- FlexVAE ----------------------------------------------------------------------------------------------------------
 
 
-def check_tokenizer(g: dict, folder: Path, check: Check) -> None:
+def check_tokenizer(g: dict, folder: Path, check: Parity) -> None:
     vae, img = tokenizer_from(g), g["img"]
     check.close("h_encoder", vae.encoder(img), g["h_encoder"])
     latent = vae.encode(img)
@@ -168,7 +99,7 @@ def check_tokenizer(g: dict, folder: Path, check: Check) -> None:
     check.equal("export tensors", [k for k in exported if not torch.equal(exported[k], g["state_dict"][k])], [])
 
 
-def check_recon(g: dict, folder: Path, check: Check) -> None:
+def check_recon(g: dict, folder: Path, check: Parity) -> None:
     tok = golden_of(folder, "tokenizer")
     vae, img, pn = tokenizer_from(tok), tok["img"], list(g["patch_nums"])
     per_scale = vae.decode_scales(img, pn)  # decode(z + (e - z)) of each scale: the official `vae(img, pn)`
@@ -186,7 +117,7 @@ def check_recon(g: dict, folder: Path, check: Check) -> None:
 # ---- the transformer ------------------------------------------------------------------------------------------------
 
 
-def check_transformer(g: dict, folder: Path, check: Check) -> None:
+def check_transformer(g: dict, folder: Path, check: Parity) -> None:
     cfg = g["config"]
     inferred = flexvar_config_from_state(g["state_dict"], cfg["patch_nums"])
     for ours, theirs in dict(depth="depth", width="embed_dim", num_heads="num_heads", num_classes="num_classes",
@@ -216,7 +147,7 @@ def check_transformer(g: dict, folder: Path, check: Check) -> None:
 # ---- sampling -------------------------------------------------------------------------------------------------------
 
 
-def check_sampling(g: dict, folder: Path, check: Check) -> None:
+def check_sampling(g: dict, folder: Path, check: Parity) -> None:
     tok, tr = golden_of(folder, "tokenizer"), golden_of(folder, "transformer")
     vae, gen = tokenizer_from(tok), transformer_from(tr, tr["config"]["patch_nums"])
     num_classes = tr["config"]["num_classes"]
@@ -224,7 +155,7 @@ def check_sampling(g: dict, folder: Path, check: Check) -> None:
         check_case(vae, gen, num_classes, case, check, f"{name}.")
 
 
-def check_case(vae, gen, num_classes: int, case: dict, check: Check, at: str) -> None:
+def check_case(vae, gen, num_classes: int, case: dict, check: Parity, at: str) -> None:
     """One `autoregressive_infer_cfg` call, replayed with the same CPU generator: official options = ours."""
     k = case["kwargs"]
     rng = torch.Generator().manual_seed(k["g_seed"])

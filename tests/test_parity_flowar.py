@@ -9,12 +9,13 @@ quantity is printed at the end of the module. The goldens were made with 1 torch
 """
 from __future__ import annotations
 
-import functools
 import math
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import LatentsAsImages
+from parity import Parity, load_golden
 
 from scalegen.schedule.direct import DirectComposition
 from scalegen.heads.flow import euler_sample, euler_times
@@ -26,65 +27,7 @@ from scalegen.generation.loop import generate
 
 ATOL = 1e-4  # floats (issue #3: within 1e-4, expect ~1e-6)
 
-
-class Parity:
-    """Compares one golden file's quantities, records the max |diff| of each, fails once listing every miss."""
-
-    def __init__(self, file: str, maxima: dict):
-        self.file, self.maxima, self.misses = file, maxima, []
-
-    def close(self, quantity: str, ours, ref, atol: float = ATOL) -> None:
-        pairs = list(zip(ours, ref)) if isinstance(ref, (list, tuple)) else [(ours, ref)]
-        if isinstance(ref, (list, tuple)) and len(ours) != len(ref):
-            self.misses.append(f"{quantity}: {len(ours)} entries, golden has {len(ref)}")
-            return
-        worst = 0.0
-        for i, (a, b) in enumerate(pairs):
-            a, b = torch.as_tensor(a).detach().double(), torch.as_tensor(b).double()
-            if a.shape != b.shape:
-                self.misses.append(f"{quantity}[{i}]: shape {tuple(a.shape)}, golden {tuple(b.shape)}")
-                return
-            diff = (a - b).abs().max().item() if a.numel() else 0.0
-            worst = math.nan if math.isnan(diff) else max(worst, diff)
-        key = (self.file, quantity)
-        self.maxima[key] = max(self.maxima.get(key, 0.0), worst) if not math.isnan(worst) else worst
-        if not worst <= atol:
-            self.misses.append(f"{quantity}: max |diff| {worst:.3g} > atol {atol:g}")
-
-    def exact(self, quantity: str, ours, ref) -> None:
-        self.close(quantity, ours, ref, atol=0.0)
-
-    def finish(self) -> None:
-        if self.misses:
-            pytest.fail(f"{self.file}: {len(self.misses)} mismatches against the official code:\n  " + "\n  ".join(self.misses),
-                        pytrace=False)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The goldens were made with 1 intra-op thread (VAE convolutions move by ~1e-5 with 2)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def max_diffs(request):
-    table: dict = {}
-    yield table
-    if table:
-        width = max(len(f) for f, _ in table) + 2
-        lines = ["", "FlowAR parity: max |ours - golden| per file and quantity (CPU, float32, 1 thread)"]
-        lines += [f"  {f:<{width}}{q:<36}{d:.3g}" for (f, q), d in sorted(table.items())]
-        capture = request.config.pluginmanager.getplugin("capturemanager")
-        with capture.global_and_fixture_disabled():
-            print("\n".join(lines))
-
-
-@functools.lru_cache(maxsize=None)
-def load_golden(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+pytestmark = pytest.mark.threads(1)  # the goldens were made with 1 thread (see conftest.py)
 
 
 # ---- the KL VAE -----------------------------------------------------------------------------------------------------
@@ -116,22 +59,6 @@ def check_kl(d: dict, check: Parity) -> None:
 
 
 # ---- FlowAR ---------------------------------------------------------------------------------------------------------
-
-
-class LatentsAsImages(torch.nn.Module):
-    """A tokenizer whose latent is its input: the goldens start from given latents (vae.sample() * 0.2325)."""
-
-    discrete = False
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.latent_channels = channels
-
-    def encode(self, x):
-        return x
-
-    def decode(self, x):
-        return x
 
 
 def flowar_parts(d: dict, sample_up_size=None):
@@ -263,7 +190,7 @@ def check_flowar(d: dict, check: Parity) -> None:
 def test_golden(golden_file: Path, max_diffs):
     assert golden_file.is_file(), f"no .pt golden files in {golden_file}"
     d = load_golden(golden_file)
-    check = Parity(golden_file.name, max_diffs)
+    check = Parity(golden_file.name, max_diffs, atol=ATOL)
     if "posterior_moments" in d:
         with torch.no_grad():
             check_kl(d, check)

@@ -9,12 +9,11 @@ Goldens were made with one thread; the max |ours - golden| per file and quantity
 """
 from __future__ import annotations
 
-import functools
-import zlib
 from pathlib import Path
 
 import pytest
 import torch
+from parity import Parity, keyed_vae_state, load_golden
 
 from scalegen.schedule.residual import ResidualComposition
 from scalegen.official import export, load
@@ -23,94 +22,7 @@ from scalegen.generation.loop import generate
 
 ATOL = 1e-4  # the issue's float tolerance; indices exact
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # the goldens were made with 1 thread (README)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def max_diffs(request):
-    table: dict = {}
-    yield table
-    if table:
-        lines = ["", "M-VAR parity: max |ours - golden| (CPU, float32, 1 thread)"]
-        lines += [f"  {f:<22}{q:<40}{d:.3g}" for (f, q), d in sorted(table.items())]
-        capture = request.config.pluginmanager.getplugin("capturemanager")
-        with capture.global_and_fixture_disabled():
-            print("\n".join(lines))
-
-
-@functools.lru_cache(maxsize=None)
-def load_golden(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-class Check:
-    def __init__(self, file: str, table: dict):
-        self.file, self.table, self.misses = file, table, []
-
-    def close(self, what: str, ours, ref) -> None:
-        pairs = list(zip(ours, ref)) if isinstance(ref, (list, tuple)) else [(ours, ref)]
-        if isinstance(ref, (list, tuple)) and len(ours) != len(ref):
-            self.misses.append(f"{what}: {len(ours)} entries, golden {len(ref)}")
-            return
-        worst = 0.0
-        for a, b in pairs:
-            if a.shape != b.shape:
-                self.misses.append(f"{what}: shape {tuple(a.shape)}, golden {tuple(b.shape)}")
-                return
-            finite = b.isfinite()
-            if not torch.equal(a.isfinite(), finite) or not torch.equal(a[~finite], b[~finite]):
-                self.misses.append(f"{what}: infinite entries differ")
-                return
-            worst = max(worst, (a.double() - b.double())[finite].abs().max().item() if finite.any() else 0.0)
-        self.table[(self.file, what)] = max(worst, self.table.get((self.file, what), 0.0))
-        if not worst <= ATOL:
-            self.misses.append(f"{what}: max |diff| {worst:.3g} > {ATOL:g}")
-
-    def exact(self, what: str, ours, ref) -> None:
-        """Index lists, bit for bit; the table records how many entries differ."""
-        if len(ours) != len(ref):
-            self.misses.append(f"{what}: {len(ours)} scales, golden {len(ref)}")
-        wrong = 0
-        for si, (a, b) in enumerate(zip(ours, ref)):
-            if a.shape != b.shape:
-                self.misses.append(f"{what}[{si}]: shape {tuple(a.shape)}, golden {tuple(b.shape)}")
-                continue
-            n = int((a.long() != b.long()).sum())
-            wrong += n
-            if n:
-                self.misses.append(f"{what}[{si}]: {n}/{b.numel()} entries differ")
-        self.table[(self.file, what + " (# differ)")] = float(wrong)
-
-    def finish(self) -> None:
-        if self.misses:
-            pytest.fail(f"{self.file}: {len(self.misses)} mismatches:\n  " + "\n  ".join(self.misses), pytrace=False)
-
-
-def keyed_vqvae_state(golden: dict) -> dict:
-    """The tiny VQVAE's weights from the README's rule: a generator seeded with crc32(key) per tensor."""
-    state = {}
-    for key, (_, _, shape) in golden["vqvae_key_checksums"].items():
-        shape = tuple(shape)
-        r = torch.randn(shape, generator=torch.Generator().manual_seed(zlib.crc32(key.encode("utf-8"))))
-        module = key.rsplit(".", 2)[-2] if key.count(".") >= 1 else ""
-        if key.endswith("ema_vocab_hit_SV"):
-            value = torch.zeros(shape)
-        elif module.startswith("norm"):
-            value = 1 + 0.1 * r if key.endswith(".weight") else 0.1 * r
-        elif key == "quantize.embedding.weight":
-            value = 0.5 * r
-        elif key.endswith(".weight"):
-            value = r / (shape[1] * shape[2] * shape[3]) ** 0.5
-        else:
-            value = 0.02 * r
-        state[key] = value
-    return state
+pytestmark = pytest.mark.threads(1)  # the goldens were made with 1 thread (see conftest.py)
 
 
 def golden_model(g: dict):
@@ -122,7 +34,7 @@ def golden_model(g: dict):
 def test_golden(golden_file: Path, max_diffs):
     assert golden_file.is_file(), f"no .pt golden files in {golden_file}"
     g = load_golden(golden_file)
-    check = Check(golden_file.name, max_diffs)
+    check = Parity(golden_file.name, max_diffs, atol=ATOL)
     cfg = g["config"]
 
     inferred = mvar_config_from_state(g["state_dict"])
@@ -162,7 +74,7 @@ def test_golden(golden_file: Path, max_diffs):
         if differ:
             check.misses.append(f"export tensors differ: {differ[:6]}")
 
-    vae_state = keyed_vqvae_state(g)
+    vae_state = keyed_vae_state(g)
     for key, (total, abs_total, _) in g["vqvae_key_checksums"].items():
         v = vae_state[key].double()
         if abs(v.sum().item() - total) > 1e-6 * max(1.0, abs_total) or abs(v.abs().sum().item() - abs_total) > 1e-6 * max(1.0, abs_total):
@@ -181,7 +93,7 @@ def test_golden(golden_file: Path, max_diffs):
     check.finish()
 
 
-def check_sampling(gen, composition, run: dict, check: Check, at: str) -> None:
+def check_sampling(gen, composition, run: dict, check: Parity, at: str) -> None:
     """One `autoregressive_infer_cfg` call, replayed through the state cache with the same CPU generator."""
     call = run["call"]
     rng = torch.Generator().manual_seed(call["g_seed"])

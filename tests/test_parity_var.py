@@ -8,12 +8,11 @@ printed at the end of the module. The goldens were made with 2 torch threads on 
 """
 from __future__ import annotations
 
-import functools
-import math
 from pathlib import Path
 
 import pytest
 import torch
+from parity import Parity, load_golden
 
 from scalegen.schedule.residual import ResidualComposition
 from scalegen.official.table import convert
@@ -25,130 +24,7 @@ from scalegen.tokenizers import MultiScaleQuantizer, phi_table
 # absolute tolerances (README "Suggested tolerances"); indices are compared exactly, losses relatively
 LATENT, LOGITS, IMAGE, LOSS_RTOL = 1e-5, 1e-4, 1e-4, 1e-5
 
-
-# ---- comparing and recording ---------------------------------------------------------------------------------------
-
-
-class Parity:
-    """Compares the quantities of one golden file, records the max |diff| of each, and fails once listing all misses."""
-
-    def __init__(self, file: str, maxima: dict):
-        self.file, self.maxima, self.misses = file, maxima, []
-
-    def _record(self, quantity: str, diff: float, tol: str) -> None:
-        key = (self.file, quantity)
-        old = self.maxima.get(key, (0.0, tol))[0]
-        self.maxima[key] = (diff if math.isnan(diff) or diff > old else old, tol)
-
-    def _each(self, name, ours, ref):
-        if isinstance(ref, (list, tuple)):
-            if len(ours) != len(ref):
-                self.misses.append(f"{name}: {len(ours)} entries, golden has {len(ref)}")
-                return []
-            return [(f"{name}[{i}]", a, b) for i, (a, b) in enumerate(zip(ours, ref))]
-        return [(name, ours, ref)]
-
-    def _shape_ok(self, name, a, b) -> bool:
-        if a.shape != b.shape:
-            self.misses.append(f"{name}: shape {tuple(a.shape)}, golden {tuple(b.shape)}")
-        return a.shape == b.shape
-
-    def close(self, quantity: str, ours, ref, atol: float, where: str = "") -> None:
-        """Float tensors (or lists of them) within `atol`; infinite entries (masked logits) must match exactly."""
-        for name, a, b in self._each(where + quantity, ours, ref):
-            if not self._shape_ok(name, a, b):
-                continue
-            a, b = a.detach().double(), b.double()
-            other_inf = ((a == math.inf) ^ (b == math.inf)) | ((a == -math.inf) ^ (b == -math.inf))
-            if other_inf.any():
-                first = tuple(torch.nonzero(other_inf)[0].tolist())
-                self.misses.append(f"{name}: infinite entries at other places ({int(a.isinf().sum())} ours, "
-                                   f"{int(b.isinf().sum())} golden; first at {first}: ours {a[first].item():.7g}, "
-                                   f"golden {b[first].item():.7g})")
-                continue
-            if a.isnan().any():
-                self._record(quantity, math.nan, f"atol {atol:g}")
-                self.misses.append(f"{name}: {int(a.isnan().sum())} NaN entries")
-                continue
-            diff = torch.where(b.isinf(), 0.0, a - b).abs()
-            worst = diff.max().item() if diff.numel() else 0.0
-            self._record(quantity, worst, f"atol {atol:g}")
-            if worst > atol:
-                at = tuple(torch.nonzero(diff == worst)[0].tolist())
-                self.misses.append(f"{name}: max |diff| {worst:.3g} > atol {atol:g} "
-                                   f"(at {at}: ours {a[at].item():.7g}, golden {b[at].item():.7g})")
-
-    def exact(self, quantity: str, ours, ref, where: str = "") -> None:
-        """Integer tensors (indices, labels), or lists of them, bit for bit."""
-        for name, a, b in self._each(where + quantity, ours, ref):
-            if not self._shape_ok(name, a, b):
-                continue
-            wrong = a != b
-            self._record(quantity, (a.long() - b.long()).abs().max().item() if a.numel() else 0.0, "exact")
-            if a.dtype != b.dtype:
-                self.misses.append(f"{name}: dtype {a.dtype}, golden {b.dtype}")
-            if wrong.any():
-                first = tuple(torch.nonzero(wrong)[0].tolist())
-                self.misses.append(f"{name}: {int(wrong.sum())}/{wrong.numel()} entries differ (first at {first}: "
-                                   f"ours {a[first].item()}, golden {b[first].item()})")
-
-    def relative(self, quantity: str, ours: torch.Tensor, ref: torch.Tensor, rtol: float, where: str = "") -> None:
-        """A scalar (a loss) within `rtol` of the golden value; the recorded maximum is the absolute diff."""
-        diff = abs(float(ours) - float(ref))
-        self._record(quantity, diff, f"rtol {rtol:g}")
-        if not diff <= rtol * abs(float(ref)):
-            self.misses.append(f"{where}{quantity}: ours {float(ours):.8g}, golden {float(ref):.8g}, "
-                               f"|diff| {diff:.3g} (rel {diff / max(abs(float(ref)), 1e-30):.3g} > rtol {rtol:g})")
-
-    def equal(self, what: str, ours, ref) -> None:
-        """Plain values (config fields, key sets)."""
-        if isinstance(ref, (set, frozenset)):
-            missing, extra = sorted(ref - set(ours)), sorted(set(ours) - ref)
-            if missing or extra:
-                self.misses.append(f"{what}: missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
-                                   f"unexpected {extra[:8]}{'...' if len(extra) > 8 else ''}")
-        elif ours != ref:
-            self.misses.append(f"{what}: ours {ours!r}, golden {ref!r}")
-
-    def same_tensors(self, what: str, ours: dict, ref: dict) -> None:
-        """Two state dicts with the same keys hold bit-identical tensors."""
-        differ = [k for k in ref if k in ours and not (ours[k].shape == ref[k].shape and torch.equal(ours[k], ref[k]))]
-        if differ:
-            self.misses.append(f"{what}: {len(differ)} tensors differ, e.g. {differ[:5]}")
-
-    def finish(self) -> None:
-        if self.misses:
-            pytest.fail(f"{self.file}: {len(self.misses)} mismatches against the official code:\n  " + "\n  ".join(self.misses),
-                        pytrace=False)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def two_threads():
-    """The goldens were made with 2 intra-op threads; CPU conv reductions depend on the count (README sec. 4)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def max_diffs(request):
-    """(file, quantity) -> (max |diff|, tolerance); printed at the end of the module, even without `-s`."""
-    table: dict = {}
-    yield table
-    if not table:
-        return
-    width = max(len(f) for f, _ in table) + 2
-    lines = ["", "VAR parity: max |ours - golden| per file and quantity (CPU, float32, 2 threads)"]
-    lines += [f"  {f:<{width}}{q:<24}{d:<12.3g}{tol}" for (f, q), (d, tol) in sorted(table.items())]
-    capture = request.config.pluginmanager.getplugin("capturemanager")
-    with capture.global_and_fixture_disabled():
-        print("\n".join(lines))
-
-
-@functools.lru_cache(maxsize=None)
-def load_golden(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+pytestmark = pytest.mark.threads(2)  # the goldens were made with 2 threads (see conftest.py)
 
 
 def golden_kind(obj) -> str | None:

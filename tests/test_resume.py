@@ -12,21 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import REPO, compose_cfg
 from omegaconf import open_dict
 
 from scalegen.build import build_module, build_tokenizer
 from scalegen.io import save_safetensors
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 STEPS, EVERY = 24, 3
-
-
-def compose_cfg(*overrides):
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
 
 
 @pytest.fixture(scope="module")

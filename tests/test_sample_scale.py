@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, tiny_module
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -14,27 +15,15 @@ import scalegen.commands.sample as sample
 from scalegen.commands.sample import sample_to_folder, sampling_labels
 from scalegen.generation.chunks import chunks, shard_from_env
 
-REPO = Path(__file__).resolve().parents[1]
 N = 20  # 10 classes x 2, in chunks of 3: 7 chunks, the last one short
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.threads(1)
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
     """A scalegen checkpoint of a randomly initialised tiny VAR (sampling does not care whether it was trained)."""
-    from hydra import compose, initialize_config_dir
-    from scalegen.build import build_module
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        cfg = compose("train", overrides=["backbone.depth=1", "backbone.width=32", "backbone.num_heads=2"])
     torch.manual_seed(0)
-    module = build_module(cfg, 10)
+    module = tiny_module()
     path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
     torch.save({"state_dict": module.state_dict(), "scalegen_config": module.config}, path)
     return path

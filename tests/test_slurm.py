@@ -5,33 +5,27 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import REPO, compose_cfg
 
 from scalegen.build import build_tokenizer
 from scalegen.io import save_safetensors
 
-REPO = Path(__file__).resolve().parents[1]
 FAKESLURM = REPO / "tests" / "fakeslurm"
-
-
-def compose_cfg(*overrides):
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        return compose("train", overrides=list(overrides), return_hydra_config=True)
 
 
 def test_launcher_configs_compose():
     cfg = compose_cfg("hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=8",
-                      "hydra.launcher.tasks_per_node=8", "hydra.launcher.setup=['module load cuda']")
+                      "hydra.launcher.tasks_per_node=8", "hydra.launcher.setup=['module load cuda']",
+                      hydra_config=True)
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher") and launcher.partition == "gpu"
     assert launcher.max_num_timeout > 0 and launcher.signal_delay_s > 0  # submitit requeues on its signal
     keys = {"nodes", "tasks_per_node", "gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min", "setup"}
     assert keys <= set(launcher)
-    local = compose_cfg("hydra/launcher=submitit_local").hydra.launcher
+    local = compose_cfg("hydra/launcher=submitit_local", hydra_config=True).hydra.launcher
     assert local._target_.endswith("LocalLauncher")
 
 
@@ -128,8 +122,7 @@ def test_loggers_csv_by_default_wandb_offline_and_lazily_imported_tensorboard(tm
     from omegaconf import OmegaConf, open_dict
 
     def loggers(name):
-        with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-            cfg = compose("train", overrides=[f"logger={name}"])
+        cfg = compose_cfg(f"logger={name}")
         with open_dict(cfg):
             for node in cfg.logger.values():
                 node.save_dir = str(tmp_path / name)

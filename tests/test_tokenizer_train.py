@@ -1,23 +1,19 @@
 """Tokenizer training: the LightningModule learns, the GAN step updates both models, LPIPS loads from one local file."""
 
-import warnings
-
 import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from conftest import tiny_vq
 from torch.utils.data import DataLoader, TensorDataset
 
-from scalegen.tokenizers import MultiScaleVQVAE
 from scalegen.tokenizers.losses import PatchDiscriminator, Perceptual, build_lpips_weights, hinge_d_loss
 from scalegen.tokenizers.train import TokenizerModule, _frozen, psnr
 
-
-def tiny_vq(scales=(1, 2, 4)) -> MultiScaleVQVAE:
-    """8x8 images -> 4x4 latent (16x16 -> 8x8 with scales ending in 8)."""
-    return MultiScaleVQVAE(vocab_size=32, z_channels=8, ch=32, ch_mult=(1, 1), num_res_blocks=1, v_patch_nums=scales,
-                           using_sa=False, using_mid_sa=False)
+pytestmark = [pytest.mark.threads(1),
+              pytest.mark.filterwarnings("ignore:.*does not have many workers.*", "ignore:.*GPU available but not used.*",
+                                         "ignore:.*no `val_dataloader`.*")]
 
 
 def loader(n: int = 32, batch_size: int = 8, size: int = 8, seed: int = 0) -> DataLoader:
@@ -39,18 +35,6 @@ def eval_mse(tokenizer: torch.nn.Module, data: DataLoader) -> float:
     mse = sum(F.mse_loss(tokenizer(img)[0].clamp(-1, 1), img).item() for img, _ in data) / len(data)
     tokenizer.train()
     return mse
-
-
-@pytest.fixture(autouse=True)
-def quiet_single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny convs: more threads only add overhead (and stall on a busy machine)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", ".*does not have many workers.*")
-        warnings.filterwarnings("ignore", ".*GPU available but not used.*")
-        warnings.filterwarnings("ignore", ".*no `val_dataloader`.*")
-        yield
-    torch.set_num_threads(threads)
 
 
 def test_vq_tokenizer_learns_and_logs(tmp_path):
