@@ -29,10 +29,8 @@ from scalegen.schedule.scales import VAR_256, ScaleSchedule
 
 
 def block_diagonal_bias(scales: ScaleSchedule, device=None, dtype=torch.float32) -> torch.Tensor:
-    """(L, L) additive mask: 0 where query and key are in the same scale, -inf elsewhere (M-VAR's attention)."""
-    lvl = scales.level_ids(device)
-    same = lvl[:, None] == lvl[None, :]
-    return torch.zeros(same.shape, dtype=dtype, device=device).masked_fill_(~same, float("-inf"))
+    """M-VAR's mask, now `ScaleSchedule.block_diagonal_bias`; kept while official/mvar.py imports it from here."""
+    return scales.block_diagonal_bias(device, dtype)
 
 
 class MambaAdaLNBlock(nn.Module):
@@ -96,7 +94,7 @@ class MambaAdaLNTransformer(AdaLNTransformer):
         self.mamba_options = dict(d_state=d_state, d_conv=d_conv, expand=expand, headdim=headdim, mamba_backend=mamba_backend)
         super().__init__(num_classes, token_dim, scales, depth, width, num_heads, mlp_ratio, drop_rate, attn_drop_rate,
                          drop_path_rate, norm_eps, shared_aln, attn_l2_norm)
-        self.attn_bias = block_diagonal_bias(self.scales)  # replaces VAR's block-causal mask
+        self.attn_bias = self.scales.block_diagonal_bias()  # replaces VAR's block-causal mask
         with torch.no_grad():  # the official init_weights: depthwise conv from trunc_normal(0.02), zero bias
             for block in self.blocks:
                 nn.init.trunc_normal_(block.mamba.conv1d.weight, std=0.02)
@@ -131,4 +129,4 @@ class ScaleFreeMambaTransformer(ScalePositions, MambaAdaLNTransformer):
                          mamba_backend, pos_grid=pos_grid)
 
     def attention_bias(self, sched: ScaleSchedule, device) -> torch.Tensor:
-        return block_diagonal_bias(sched, device)  # within each scale, not FlexVAR's block-causal mask
+        return sched.block_diagonal_bias(device)  # within each scale, not FlexVAR's block-causal mask
