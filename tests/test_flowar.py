@@ -138,7 +138,7 @@ def test_kv_cache_equals_block_causal_forward_on_non_square_scales():
     x, cond = bb.start(labels)
     steps = []
     for si, (b, e) in enumerate(sched.offsets):
-        steps.append(bb.step(x, cond))
+        steps.append(bb.step(x, cond, si))
         if si + 1 < len(sched):
             nb, ne = sched.offsets[si + 1]
             x = bb.embed_scale(si + 1, inputs[:, nb - 1:ne - 1])

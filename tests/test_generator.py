@@ -55,7 +55,7 @@ def test_kv_cache_equals_full_forward(shared_aln, attn_l2_norm):
         x, cond = bb.start(labels)
         hidden = []
         for si, (begin, end) in enumerate(sched.offsets):
-            hidden.append(bb.step(x, cond))
+            hidden.append(bb.step(x, cond, si))
             if si + 1 < len(sched):
                 nb, ne = sched.offsets[si + 1]
                 x = bb.embed_scale(si + 1, inputs[:, nb - n0: ne - n0])
@@ -106,7 +106,7 @@ def test_generation_replays_through_teacher_forcing():
         assert idx.shape == (3, h * w) and idx.dtype == torch.long
         assert 0 <= idx.min() and idx.max() < composition.vocab_size
 
-    logits = gen(labels, composition.teacher_inputs(seen["idx"]))  # t = 0: the conditional logits alone
+    logits = gen.head(*gen.backbone(labels, composition.teacher_inputs(seen["idx"])))  # t = 0: the conditional logits alone
     for si, (begin, end) in enumerate(sched.offsets):
         torch.testing.assert_close(seen["logits_cfg"][si], logits[:, begin:end], atol=1e-4, rtol=0)
 
@@ -128,8 +128,8 @@ def test_generation_guidance_mixes_conditional_and_null_passes():
     cfg = 2.0
     _, seen = record_generation(gen, composition, labels, cfg=cfg, generator=torch.Generator().manual_seed(3))
     inputs = composition.teacher_inputs(seen["idx"])
-    cond = gen(labels, inputs)
-    uncond = gen(torch.full_like(labels, 4), inputs)
+    cond = gen.head(*gen.backbone(labels, inputs))
+    uncond = gen.head(*gen.backbone(torch.full_like(labels, 4), inputs))
     S = len(composition.scales)
     for si, (begin, end) in enumerate(composition.scales.offsets):
         t = cfg * si / (S - 1)  # the linear ramp
@@ -282,7 +282,7 @@ def test_init_var_weights_gates_small_and_blocks_near_identity():
     x = torch.randn(2, gen.backbone.scales.num_tokens, width)
     cond = gen.backbone.class_emb(torch.tensor([1, 5]))
     for block in gen.backbone.blocks:
-        out = block(x, cond, gen.backbone.attn_bias)
+        out = block(x, cond, gen.backbone.attention_bias(gen.backbone.scales))
         assert (out - x).abs().max() < 1e-4 * x.abs().max()
     # so the whole stack returns (nearly) its embedded input
     bb, labels = gen.backbone, torch.tensor([1, 5])

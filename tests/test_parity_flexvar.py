@@ -19,7 +19,7 @@ from scalegen.schedule.direct_vq import DirectVQComposition
 from scalegen.official.flexvar import (OFFICIAL_SIDES, export_flexvae, export_flexvar, flexvae_config_from_state,
                                        flexvar_config_from_state, load_flexvae, load_flexvar)
 from scalegen.generation.loop import generate, random_labels
-from scalegen.schedule.scales import bicubic_up
+from scalegen.schedule.scales import ScaleSchedule, bicubic_up
 
 ATOL = 1e-4  # the bound for every float; indices and generator states are compared exactly
 
@@ -196,18 +196,17 @@ def check_transformer(g: dict, folder: Path, check: Check) -> None:
     bb, labels = gen.backbone, g["label_B"]
     for pn, d in g["per_pn"].items():
         at = f"pn{''.join(map(str, pn))}."
-        bb.set_scales(pn)  # the official forward(label_B, x, infer_patch_nums) takes the list per call
+        sched = ScaleSchedule.of(pn)  # the official forward(label_B, x, infer_patch_nums) takes the list per call
         seen = {}
         hook = bb.blocks[0].register_forward_pre_hook(lambda m, args: seen.__setitem__("block0", args[0].clone()))
-        hidden, cond = bb(labels, d["x_BLCv_wo_first_l"])
+        hidden, cond = bb(labels, d["x_BLCv_wo_first_l"], sched)
         hook.remove()
         logits = gen.head(hidden, cond)
         check.close(at + "block0_input", seen["block0"], d["block0_input"])
         check.close(at + "cond_BD", cond, d["cond_BD"])
         check.close(at + "logits", logits, d["logits"])
-        check.close(at + "loss", gen.head.loss(logits, d["gt_BL"], bb.scales.offsets)[0].reshape(()), d["loss"])
-        check.exact(at + "attn_bias_for_masking", bb.attn_bias.view_as(d["attn_bias_for_masking"]), d["attn_bias_for_masking"])
-    bb.set_scales(cfg["patch_nums"])
+        check.close(at + "loss", gen.head.loss(logits, d["gt_BL"], sched.offsets)[0].reshape(()), d["loss"])
+        check.exact(at + "attn_bias_for_masking", bb.attention_bias(sched).view_as(d["attn_bias_for_masking"]), d["attn_bias_for_masking"])
     exported = export_flexvar(gen)
     check.equal("export keys", sorted(exported), sorted(g["state_dict"]))
     check.equal("export tensors", [k for k in exported if not torch.equal(exported[k], g["state_dict"][k])], [])

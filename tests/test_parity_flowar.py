@@ -179,7 +179,7 @@ def check_forward(d: dict, check: Parity) -> None:
         x, cond = bb.start(fw["labels_effective"])
         cached = []
         for si, (b, e) in enumerate(sched.offsets):
-            cached.append(bb.step(x, cond))
+            cached.append(bb.step(x, cond, si))
             if si + 1 < len(sched):
                 nb, ne = sched.offsets[si + 1]
                 x = bb.embed_scale(si + 1, inputs[:, nb - 1:ne - 1])
@@ -209,7 +209,7 @@ def check_sample(d: dict, check: Parity) -> None:
 
     conds, nexts = [], []
     step = gen.backbone.step
-    gen.backbone.step = lambda x, c: conds.append(step(x, c)) or conds[-1]
+    gen.backbone.step = lambda x, c, *at: conds.append(step(x, c, *at)) or conds[-1]
     advance = comp.advance
     comp.advance = lambda si, st, tok, soft=None: (lambda r: nexts.append(r[1]) or r)(advance(si, st, tok, soft))
     latent = generate(gen.backbone, gen.head, comp, s["labels"], cfg=s["cfg"], cfg_schedule="flowar",

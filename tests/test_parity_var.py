@@ -296,9 +296,9 @@ def check_var(g: dict, path: Path, check: Parity) -> None:
     num_classes = g["config"]["num_classes"]
 
     labels, x, gt = g["label_B"], g["x_BLCv_wo_first_l"], g["gt_BL"]
-    logits = gen(labels, x)
+    logits = gen.head(*gen.backbone(labels, x))
     check.close("logits_BLV", logits, g["logits_BLV"], LOGITS)
-    check.close("logits_BLV_uncond", gen(torch.full_like(labels, num_classes), x), g["logits_BLV_uncond"], LOGITS)
+    check.close("logits_BLV_uncond", gen.head(*gen.backbone(torch.full_like(labels, num_classes), x)), g["logits_BLV_uncond"], LOGITS)
     smoothing = gen.head.label_smoothing
     for ls, key in ((0.0, "train_loss_ls0"), (0.1, "train_loss_ls0p1")):
         gen.head.label_smoothing = ls

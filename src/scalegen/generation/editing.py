@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from scalegen.io import resolve_path
-from scalegen.schedule.anyscale import check_scales, using_scales
+from scalegen.schedule.anyscale import check_scales
 from scalegen.schedule.scales import ScaleSchedule, area_down
 
 
@@ -58,14 +58,13 @@ class KnownTokens:
 def known_tokens(module, image: torch.Tensor, mask: torch.Tensor | None = None, *, scales=None, keep_scales: int = 0,
                  threshold: float = 1.0) -> KnownTokens:
     """The hook for `image` (B or 1, 3, H, W) in [-1, 1] at the size the schedule ends at (16 px per token for VQ-16)."""
-    comp = module.composition
-    with using_scales(scales, comp):
-        latent = module.tokenizer.encode(image.float().to(module.device))
-        if tuple(latent.shape[-2:]) != comp.scales.final:
-            raise ValueError(f"edit.image: a {tuple(image.shape[-2:])} px image gives a {tuple(latent.shape[-2:])} latent, "
-                             f"but the schedule ends at {comp.scales.final}: resize the image or set scales")
-        targets = comp.targets(latent)
-        known = token_masks(mask, comp.scales, image.shape[0], threshold, keep_scales)
+    comp = module.composition.at(scales)  # the run's composition for that schedule
+    latent = module.tokenizer.encode(image.float().to(module.device))
+    if tuple(latent.shape[-2:]) != comp.scales.final:
+        raise ValueError(f"edit.image: a {tuple(image.shape[-2:])} px image gives a {tuple(latent.shape[-2:])} latent, "
+                         f"but the schedule ends at {comp.scales.final}: resize the image or set scales")
+    targets = comp.targets(latent)
+    known = token_masks(mask, comp.scales, image.shape[0], threshold, keep_scales)
     return KnownTokens(targets, known)
 
 

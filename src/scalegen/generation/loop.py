@@ -6,7 +6,7 @@ from typing import Callable
 import torch
 
 from scalegen.generation.guidance import guidance_strength
-from scalegen.schedule.anyscale import using_scales
+from scalegen.schedule.anyscale import for_schedule
 
 Inspect = Callable[[int, str, torch.Tensor], None]
 Constrain = Callable[[int, torch.Tensor, "torch.Tensor | None"], tuple]
@@ -30,34 +30,28 @@ def generate(backbone, head, composition, labels: torch.Tensor, *, cfg: float = 
     constant guidance and, like sides not in `trained_sides`, the head's `greedy_options` (if it has any).
     `constrain(si, targets, soft)` may replace sampled targets before they are used (scalegen.generation.editing).
     """
-    with using_scales(scales, backbone, composition):
-        return _generate(backbone, head, composition, labels, cfg, cfg_schedule, generator, inspect, ratio_steps,
-                         max_side, trained_sides, constrain, head_options)
-
-
-def _generate(backbone, head, composition, labels, cfg, cfg_schedule, generator, inspect, ratio_steps, max_side,
-              trained_sides, constrain, head_options):
-    B, S = labels.shape[0], len(composition.scales)
+    composition, scales = for_schedule(scales, composition, backbone)  # refused before any compute
+    B, S = labels.shape[0], len(scales)
     null = torch.full_like(labels, backbone.num_classes)
-    x, cond = backbone.start(torch.cat((labels, null)))
+    x, cond = backbone.start(torch.cat((labels, null)), scales)
     state = composition.begin(B, labels.device)
     backbone.kv_caching(True)
     try:
-        for si in range(S):
+        for si, (h, w) in enumerate(scales.sizes):
             ratio = si / min(S - 1, ratio_steps or S - 1) if S > 1 else 1.0
-            h, w = composition.scales.sizes[si]
             beyond = bool(max_side) and max(h, w) > max_side  # past the largest trained scale (FlexVAR's max_pn)
             greedy = beyond or (bool(trained_sides) and not {h, w} <= set(trained_sides))
             strength = cfg if beyond else guidance_strength(cfg, ratio, cfg_schedule)
-            hidden = backbone.step(x, cond)
+            hidden = backbone.step(x, cond, si, scales)
             see = (lambda name, t, si=si: inspect(si, name, t)) if inspect else None
             opts = {**head_options, **getattr(head, "greedy_options", {})} if greedy else head_options
-            targets, soft = head.sample(hidden, cond, strength, ratio=ratio, generator=generator, inspect=see, **opts)
+            targets, soft = head.sample(hidden, cond, strength, ratio=ratio, si=si, size=(h, w), generator=generator,
+                                        inspect=see, **opts)
             if constrain is not None:
                 targets, soft = constrain(si, targets, soft)
             state, nxt = composition.advance(si, state, targets, soft)
             if nxt is not None:
-                x = backbone.embed_scale(si + 1, nxt).repeat(2, 1, 1)
+                x = backbone.embed_scale(si + 1, nxt, scales).repeat(2, 1, 1)
     finally:
         backbone.kv_caching(False)
     return state

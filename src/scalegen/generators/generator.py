@@ -10,10 +10,13 @@ class Generator(nn.Module):
         super().__init__()
         self.backbone, self.head = backbone, head
 
-    def forward(self, labels: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced pass: labels (B,), inputs (B, L - n0, token_dim) -> head output (B, L, ...)."""
-        hidden, cond = self.backbone(labels, inputs)
-        return self.head(hidden, cond)
+    def forward(self, labels: torch.Tensor, inputs: torch.Tensor, targets: list[torch.Tensor], scales=None):
+        """The training contract of every head: labels (B,), teacher inputs (B, L - n0, token_dim) and the per-scale
+        targets of `scales` (None: the backbone's own) -> (loss, per-scale logs). One call through the root module,
+        as FSDP wants; logits (categorical head) are `head(*backbone(labels, inputs, scales))`."""
+        scales = self.backbone.resolve_scales(scales)
+        hidden, cond = self.backbone(labels, inputs, scales)
+        return self.head.training_loss(hidden, cond, targets, scales)
 
 
 @torch.no_grad()

@@ -28,8 +28,9 @@ class CategoricalHead(nn.Module):
         return self.proj(self.norm(hidden.float(), cond).float()).float()
 
     @torch.no_grad()
-    def sample(self, hidden: torch.Tensor, cond: torch.Tensor, cfg_t: float, *, ratio: float, generator=None,
-               top_k: int = 0, top_p: float = 0.0, more_smooth: bool = False, cfg_mix: str = "var", inspect=None):
+    def sample(self, hidden: torch.Tensor, cond: torch.Tensor, cfg_t: float, *, ratio: float, si: int,
+               size: tuple[int, int], generator=None, top_k: int = 0, top_p: float = 0.0, more_smooth: bool = False,
+               cfg_mix: str = "var", inspect=None):
         """One scale of generation. hidden/cond hold the conditional then the null-class half (2B rows).
 
         Returns (indices (B, n), soft codes weights (B, n, V) or None): guided logits, top-k/top-p, one multinomial

@@ -13,7 +13,6 @@ import torch.nn as nn
 
 from scalegen.generation.guidance import guide
 from scalegen.heads.flownet import FlowNet
-from scalegen.schedule.scales import ScaleSchedule
 
 TIME_GRIDS = ("flowar", "uniform")
 
@@ -72,8 +71,8 @@ class FlowHead(nn.Module):
         if token_dim is None:
             raise ValueError("head.token_dim: the latent channel count is needed (derived from the tokenizer)")
         self.check_sampling(num_steps, guidance, time_grid, prefix="head.")
+        # `scales` is not needed (the loop gives each scale's size); accepted while official/flowar.py passes it
         self.token_dim, self.num_steps, self.guidance, self.time_grid = token_dim, num_steps, guidance, time_grid
-        self.scales = None if scales is None else ScaleSchedule.of(scales)  # token-map sizes, for RoPE when sampling
         self.net = FlowNet(token_dim, flow_width, width, depth, cross, num_heads, mlp_ratio, time_freq_dim, rope_grid,
                            zero_init_output)
 
@@ -108,8 +107,9 @@ class FlowHead(nn.Module):
 
     # -- generation ------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def sample(self, hidden: torch.Tensor, cond: torch.Tensor, cfg_t: float, *, ratio: float, generator=None,
-               inspect=None, num_steps: int | None = None, guidance: float | None = None, time_grid: str | None = None):
+    def sample(self, hidden: torch.Tensor, cond: torch.Tensor, cfg_t: float, *, ratio: float, si: int,
+               size: tuple[int, int], generator=None, inspect=None, num_steps: int | None = None,
+               guidance: float | None = None, time_grid: str | None = None):
         """One scale. hidden (2B, n, D): conditional rows then null-class rows; cfg_t: guidance weight (CFG scale - 1).
 
         Each scale starts from pure noise (2B, n, token_dim), drawn from `generator` on its device. Returns the
@@ -118,29 +118,14 @@ class FlowHead(nn.Module):
         num_steps = self.num_steps if num_steps is None else int(num_steps)
         guidance = self.guidance if guidance is None else guidance
         n = hidden.shape[1]
-        hw = self._size(n, ratio)
         device = generator.device if generator is not None else hidden.device
         noise = torch.randn((hidden.shape[0], n, self.token_dim), generator=generator, device=device).to(hidden.device)
         if inspect:
             inspect("noise", noise)
-        context = self.net.context(hidden.float(), hw)  # the condition's projections, once per scale
+        context = self.net.context(hidden.float(), size)  # the condition's projections, once per scale
         out = euler_sample(lambda x, t: self.net(x, t, None, context=context), noise, euler_times(num_steps, time_grid or self.time_grid),
                            1.0 + cfg_t, guidance, inspect=inspect)
         if inspect:
             inspect("sampler_out", out)
         B = hidden.shape[0] // 2
         return out[:B].float(), None
-
-    def _size(self, n: int, ratio: float) -> tuple[int, int]:
-        """The (h, w) of the scale being sampled: from the schedule (ratio = si / (S - 1)), else square."""
-        if self.scales is not None:
-            si = round(ratio * (len(self.scales) - 1))
-            if 0 <= si < len(self.scales) and self.scales.token_counts[si] == n:
-                return self.scales.sizes[si]
-            same = [hw for hw, count in zip(self.scales.sizes, self.scales.token_counts) if count == n]
-            if len(set(same)) == 1:
-                return same[0]
-        side = int(round(n**0.5))
-        if side * side != n:
-            raise ValueError(f"a scale of {n} tokens is not square and not in the head's schedule")
-        return side, side

@@ -17,7 +17,7 @@ import torchvision.utils as vutils
 from scalegen.data.latents import batch_latent
 from scalegen.generation.loop import generate, random_labels
 from scalegen.scaleout.distributed import configure_generator, generation_context, is_sharded
-from scalegen.schedule.anyscale import using_scales
+from scalegen.schedule.anyscale import for_schedule
 from scalegen.training.optim import apply_schedule, param_groups
 
 
@@ -59,29 +59,31 @@ class GeneratorModule(L.LightningModule):
         configure_generator(self)
 
     @torch.no_grad()
-    def prepare(self, images: torch.Tensor | None, latent: torch.Tensor | None = None):
+    def prepare(self, images: torch.Tensor | None, latent: torch.Tensor | None = None, composition=None):
+        """(per-scale targets, teacher inputs) of a batch under `composition` (None: the run's own)."""
+        composition = self.composition if composition is None else composition
         with torch.autocast(self.device.type, enabled=False):  # the tokenizer stays in fp32, as in the official code
             latent = self.tokenizer.encode(images.float()) if latent is None else latent
-            targets = self.composition.targets(latent.float())
-            inputs = self.composition.teacher_inputs(targets)
+            targets = composition.targets(latent.float())
+            inputs = composition.teacher_inputs(targets)
         return targets, inputs
 
-    def _loss(self, batch, drop_labels: bool):
+    def _loss(self, batch, drop_labels: bool, scales=None):
+        """(loss, per-scale logs) of a batch on `scales` (None: the run's schedule; else FlexVAR's per-step draw)."""
+        composition, scales = for_schedule(scales, self.composition, self.generator.backbone, key="model.train_scales")
         if isinstance(batch, dict):  # cached latents (scalegen.data.latents): no image, no tokenizer.encode
-            labels, targets, inputs = batch["labels"], *self.prepare(None, batch_latent(self.tokenizer, batch))
+            labels = batch["labels"]
+            targets, inputs = self.prepare(None, batch_latent(self.tokenizer, batch), composition)
         else:
             images, labels = batch
-            targets, inputs = self.prepare(images)
+            targets, inputs = self.prepare(images, composition=composition)
         if drop_labels and self.cond_drop_rate > 0:  # classifier-free guidance: some labels become the null class
             drop = torch.rand(labels.shape[0], device=labels.device) < self.cond_drop_rate
             labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
-        hidden, cond = self.generator.backbone(labels, inputs)
-        return self.generator.head.training_loss(hidden, cond, targets, self.composition.scales)
+        return self.generator(labels, inputs, targets, scales)
 
     def training_step(self, batch, batch_idx):
-        with using_scales(self.train_scales() if self.train_scales else None, self.generator.backbone, self.composition,
-                          key="model.train_scales"):
-            loss, per_scale = self._loss(batch, drop_labels=True)
+        loss, per_scale = self._loss(batch, drop_labels=True, scales=self.train_scales() if self.train_scales else None)
         # every rank skips together (one rank's NaN must not leave the others waiting in the gradient all-reduce)
         if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
             return self._skip_nonfinite(loss)
