@@ -25,6 +25,7 @@ from scalegen.official.flexvar import (OFFICIAL_SIDES, build_flexvar, export_fle
 from scalegen.io import CheckpointMismatch
 from scalegen.pretrained import load_generator
 from scalegen.generation.loop import generate
+from scalegen.generation.options import GenerateOptions
 from scalegen.schedule.scales import VAR_256, ScaleSchedule, area_down
 from scalegen.tokenizers.flexvq import FlexVAE
 from scalegen.tokenizers.train import TokenizerModule
@@ -180,7 +181,8 @@ def test_generation_replays_through_teacher_forcing_on_any_schedule(scales):
     comp = DirectVQComposition(vae, (1, 2, 4, 8))
     labels = torch.tensor([0, 3])
     seen = {"idx": [], "logits_cfg": []}
-    codes = generate(gen.backbone, gen.head, comp, labels, cfg=0.0, scales=scales, generator=torch.Generator().manual_seed(0),
+    codes = generate(gen.backbone, gen.head, comp, labels, GenerateOptions.of(gen.head, cfg_scale=0.0, scales=scales),
+                     generator=torch.Generator().manual_seed(0),
                      inspect=lambda si, n, t: seen[n].append(t.clone()) if n in seen else None)
     assert len(seen["idx"]) == len(scales)  # as many steps as the list has scales: no 9-vs-10 confusion
     assert gen.backbone.scales.sizes[-1] == comp.scales.sizes[-1] == (8, 8)  # restored after the call
@@ -202,7 +204,8 @@ def test_mamba_backbone_with_flexvar_positions_runs_any_schedule():
     gen.eval()
     labels, scales = torch.tensor([2, 7]), (1, 2, 3, 5, 8, 10)
     seen = {"idx": [], "logits_cfg": []}
-    codes = generate(gen.backbone, gen.head, comp, labels, cfg=0.0, scales=scales, generator=torch.Generator().manual_seed(0),
+    codes = generate(gen.backbone, gen.head, comp, labels, GenerateOptions.of(gen.head, cfg_scale=0.0, scales=scales),
+                     generator=torch.Generator().manual_seed(0),
                      inspect=lambda si, n, t: seen[n].append(t.clone()) if n in seen else None)
     assert tok.decode(codes).shape == (2, 3, 40, 40) and gen.backbone.scales.final == (8, 8)
     comp = comp.at(scales)
@@ -218,8 +221,9 @@ def test_official_cfg_ramp_max_side_and_greedy_off_grid():
     labels, cfg = torch.tensor([1, 2]), 2.0
     scales = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13)  # 13 steps: the ramp goes past cfg after step 9
     seen = {"idx": [], "logits_cfg": []}
-    generate(gen.backbone, gen.head, comp, labels, cfg=cfg, scales=scales, ratio_steps=9, max_side=10, top_k=3,
-             trained_sides=OFFICIAL_SIDES, generator=torch.Generator().manual_seed(0),
+    generate(gen.backbone, gen.head, comp, labels,
+             GenerateOptions.of(gen.head, cfg_scale=cfg, scales=scales, ratio_steps=9, max_side=10, top_k=3,
+                                trained_sides=OFFICIAL_SIDES), generator=torch.Generator().manual_seed(0),
              inspect=lambda si, n, t: seen[n].append(t.clone()) if n in seen else None)
     comp = comp.at(scales)
     inputs = comp.teacher_inputs(seen["idx"])

@@ -232,7 +232,7 @@ def test_convert_round_trip_and_load_generator_reproduce_the_official_sampler(go
     for ckpt in ("d_tiny.pth", "m.safetensors"):
         module = load_generator(str(tmp_path / ckpt), str(tmp_path / "vae.pth"))
         assert isinstance(module.generator.backbone, MambaAdaLNTransformer)
-        images = module.generate(call["label_B"], seed=call["g_seed"], cfg=call["cfg"], top_k=call["top_k"], top_p=call["top_p"])
+        images = module.generate(call["label_B"], seed=call["g_seed"], cfg_scale=call["cfg"], top_k=call["top_k"], top_p=call["top_p"])
         torch.testing.assert_close(images, run["img_B3HW"], atol=1e-4, rtol=0)
 
 

@@ -19,6 +19,7 @@ from scalegen.schedule.direct_vq import DirectVQComposition
 from scalegen.official.flexvar import (OFFICIAL_SIDES, export_flexvae, export_flexvar, flexvae_config_from_state,
                                        flexvar_config_from_state, load_flexvae, load_flexvar)
 from scalegen.generation.loop import generate, random_labels
+from scalegen.generation.options import GenerateOptions
 from scalegen.schedule.scales import ScaleSchedule, bicubic_up
 
 ATOL = 1e-4  # the bound for every float; indices and generator states are compared exactly
@@ -241,10 +242,11 @@ def check_case(vae, gen, num_classes: int, case: dict, check: Check, at: str) ->
     llamagen = k["used_llamagen_cfg"]
     composition = DirectVQComposition(vae, gen.backbone.scales)
     try:
-        codes = generate(gen.backbone, gen.head, composition, labels, cfg=k["cfg"],
-                         cfg_schedule="constant" if llamagen else "linear", cfg_mix="llamagen" if llamagen else "var",
-                         top_k=k["top_k"], top_p=k["top_p"], generator=rng, inspect=inspect,
-                         scales=k["infer_patch_nums"], ratio_steps=9, max_side=k["max_pn"], trained_sides=OFFICIAL_SIDES)
+        options = GenerateOptions.of(
+            gen.head, cfg_scale=k["cfg"], cfg_schedule="constant" if llamagen else "linear",
+            cfg_mix="llamagen" if llamagen else "var", top_k=k["top_k"], top_p=k["top_p"], scales=k["infer_patch_nums"],
+            ratio_steps=9, max_side=k["max_pn"], trained_sides=OFFICIAL_SIDES)
+        codes = generate(gen.backbone, gen.head, composition, labels, options, generator=rng, inspect=inspect)
     finally:
         for h in hooks:
             h.remove()

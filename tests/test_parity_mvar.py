@@ -20,6 +20,7 @@ from scalegen.schedule.residual import ResidualComposition
 from scalegen.official.mvar import export_mvar, load_mvar, mvar_config_from_state
 from scalegen.official.var import load_vae
 from scalegen.generation.loop import generate
+from scalegen.generation.options import GenerateOptions
 
 ATOL = 1e-4  # the float tolerance; indices exact
 
@@ -191,8 +192,10 @@ def check_sampling(gen, composition, run: dict, check: Check, at: str) -> None:
         if name in seen:
             seen[name].append(tensor.clone())
 
-    f_hat = generate(gen.backbone, gen.head, composition, torch.tensor(call["label_B"]), cfg=call["cfg"], top_k=call["top_k"],
-                     top_p=call["top_p"], more_smooth=call["more_smooth"], generator=rng, inspect=inspect)
+    options = GenerateOptions.of(gen.head, cfg_scale=call["cfg"], top_k=call["top_k"], top_p=call["top_p"],
+                                 more_smooth=call["more_smooth"])
+    f_hat = generate(gen.backbone, gen.head, composition, torch.tensor(call["label_B"]), options, generator=rng,
+                     inspect=inspect)
     check.exact(at + "idx_Bl", seen["idx"], run["idx_Bl"])
     check.close(at + "logits_cfg_BlV", seen["logits_cfg"], run["logits_cfg_BlV"])
     check.close(at + "f_hat", f_hat, run["f_hat"])

@@ -19,6 +19,7 @@ from scalegen.schedule.residual import ResidualComposition
 from scalegen.official.table import convert
 from scalegen.official.var import VAE_TABLE, export_vae, export_var, load_vae, load_var, var_config_from_state, vae_config_from_state
 from scalegen.generation.loop import generate, random_labels
+from scalegen.generation.options import GenerateOptions
 from scalegen.tokenizers import MultiScaleQuantizer, phi_table
 
 # absolute tolerances (README "Suggested tolerances"); indices are compared exactly, losses relatively
@@ -330,8 +331,9 @@ def check_sampling(gen, composition, num_classes: int, run: dict, check: Parity,
         if name in seen:
             seen[name].append(tensor.clone())
 
-    f_hat = generate(gen.backbone, gen.head, composition, labels, cfg=call["cfg"], top_k=call["top_k"], top_p=call["top_p"],
-                     more_smooth=call["more_smooth"], generator=rng, inspect=inspect)
+    options = GenerateOptions.of(gen.head, cfg_scale=call["cfg"], top_k=call["top_k"], top_p=call["top_p"],
+                                 more_smooth=call["more_smooth"])
+    f_hat = generate(gen.backbone, gen.head, composition, labels, options, generator=rng, inspect=inspect)
     check.exact("sample.idx_Bl", seen["idx"], run["idx_Bl"], at)
     check.close("sample.logits_cfg", seen["logits_cfg"], run["logits_cfg"], LOGITS, at)
     check.close("sample.logits_masked", seen["logits_masked"], run["logits_masked"], LOGITS, at)

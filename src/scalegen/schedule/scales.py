@@ -101,7 +101,8 @@ def _built(sched: ScaleSchedule, what: str, device: torch.device, dtype: torch.d
     """The level ids or a mask of `sched`; built outside inference mode, so a mask first made during validation
     can still be saved for backward by a later training step."""
     with torch.inference_mode(False), torch.no_grad():
-        lvl = torch.cat([torch.full((n,), i, dtype=torch.long, device=device) for i, n in enumerate(sched.token_counts)])
+        counts = enumerate(sched.token_counts)
+        lvl = torch.cat([torch.full((n,), i, dtype=torch.long, device=device) for i, n in counts])
         if what == "levels":
             return lvl
         allowed = lvl[:, None] >= lvl[None, :] if what == "block_causal" else lvl[:, None] == lvl[None, :]

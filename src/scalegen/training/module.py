@@ -16,6 +16,7 @@ import torchvision.utils as vutils
 
 from scalegen.data.latents import batch_latent
 from scalegen.generation.loop import generate, random_labels
+from scalegen.generation.options import GenerateOptions
 from scalegen.scaleout.distributed import configure_generator, generation_context, is_sharded
 from scalegen.schedule.anyscale import for_schedule
 from scalegen.training.optim import apply_schedule, param_groups
@@ -169,16 +170,29 @@ class GeneratorModule(L.LightningModule):
         self.nonfinite_in_row = checkpoint.get("nonfinite_in_row", 0)
 
     # -- generation --------------------------------------------------------------------------------------------------
+    def sampling_options(self, **overrides) -> GenerateOptions:
+        """The run's `sample` defaults with `overrides` on top (None leaves the default), checked for this head."""
+        stored = {k: v for k, v in self.sample_cfg.items() if k not in ("per_class", "seed")}
+        legacy = stored.pop("cfg", None)  # checkpoints and release defaults written before the key became cfg_scale
+        if stored.get("cfg_scale") is None:
+            stored["cfg_scale"] = legacy
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return GenerateOptions.of(self.generator.head, {**stored, **given})
+
     @torch.no_grad()
     def generate(self, labels: torch.Tensor | Sequence[int] | None = None, batch: int | None = None, *,
-                 seed: int | None = None, use_ema: bool = True, **options) -> torch.Tensor:
+                 seed: int | None = None, use_ema: bool = True, options: GenerateOptions | None = None,
+                 constrain=None, **overrides) -> torch.Tensor:
         """Images in [0, 1], (B, 3, H, W). labels=None draws `batch` labels uniformly (seeded).
 
-        `options` override the run's `sample` defaults: cfg, cfg_schedule and the head's own (top_k, top_p,
-        more_smooth for the categorical head); None leaves the default.
+        `options` (from `sampling_options`), or `overrides` of the run's `sample` defaults by key: cfg_scale,
+        cfg_schedule, scales, the head's own (top_k, top_p, more_smooth; num_steps, guidance, ...); None leaves the
+        default. `constrain` is the image-to-image hook (scalegen.generation.editing).
         """
-        opts = {k: v for k, v in self.sample_cfg.items() if k not in ("per_class", "seed")}
-        opts.update({k: v for k, v in options.items() if v is not None})
+        if options is None:
+            options = self.sampling_options(**overrides)
+        elif overrides:
+            raise TypeError(f"generate: give `options` or keyword overrides ({sorted(overrides)}), not both")
         seed = self.sample_cfg["seed"] if seed is None else seed
         generator = torch.Generator(device=self.device).manual_seed(seed)
         if labels is None:
@@ -190,7 +204,8 @@ class GeneratorModule(L.LightningModule):
         was_training = model.training
         model.eval()  # no drop path while sampling, whatever mode the caller is in
         try:
-            latent = generate(model.backbone, model.head, self.composition, labels, generator=generator, **opts)
+            latent = generate(model.backbone, model.head, self.composition, labels, options, generator=generator,
+                              constrain=constrain)
         finally:
             model.train(was_training)
         return self.composition.decode(latent).add(1).mul(0.5)
