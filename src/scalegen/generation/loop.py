@@ -6,6 +6,7 @@ from typing import Callable
 import torch
 
 from scalegen.generation.options import GenerateOptions
+from scalegen.parts import Backbone, Composition, Head
 from scalegen.schedule.anyscale import for_schedule
 
 Inspect = Callable[[int, str, torch.Tensor], None]
@@ -13,7 +14,7 @@ Constrain = Callable[[int, torch.Tensor, "torch.Tensor | None"], tuple]
 
 
 @torch.no_grad()
-def generate(backbone, head, composition, labels: torch.Tensor, options: GenerateOptions | None = None, *,
+def generate(backbone: Backbone, head: Head, composition: Composition, labels: torch.Tensor, options: GenerateOptions | None = None, *,
              generator: torch.Generator | None = None, inspect: Inspect | None = None,
              constrain: Constrain | None = None) -> torch.Tensor:
     """Class labels (B,) -> the final latent state (what `composition.decode` turns into an image).

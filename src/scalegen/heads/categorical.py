@@ -62,6 +62,15 @@ class CategoricalHead(nn.Module):
             inspect("idx", idx)
         return idx, soft
 
+    @torch.no_grad()
+    def var_init(self, init_head: float, init_adaln: float) -> None:
+        """The head's part of VAR's init_weights (var.py:236-286), after the trunc-normal of every linear: logits
+        scaled by init_head, AdaLN at init_adaln strength, zero biases."""
+        self.proj.weight.mul_(init_head)
+        self.proj.bias.zero_()
+        self.norm.ada_lin[-1].weight.mul_(init_adaln)
+        self.norm.ada_lin[-1].bias.zero_()
+
     def training_loss(self, hidden: torch.Tensor, cond: torch.Tensor, targets: list[torch.Tensor], scales):
         """The contract every head keeps for the LightningModule: hidden states + per-scale targets -> loss, logs."""
         return self.loss(self(hidden, cond), torch.cat(targets, dim=1), scales.offsets)

@@ -105,6 +105,9 @@ class FlowHead(nn.Module):
         self.net = FlowNet(token_dim, flow_width, width, depth, cross, num_heads, mlp_ratio, time_freq_dim, rope_grid,
                            zero_init_output)
 
+    def var_init(self, init_head: float, init_adaln: float) -> None:
+        """VAR's init_weights has no head-specific part here: the flow network keeps the trunc-normal linears."""
+
     # -- training --------------------------------------------------------------------------------------------------
     def training_loss(self, hidden: torch.Tensor, cond: torch.Tensor, targets: list[torch.Tensor], scales):
         """Per scale: t ~ U(0,1) per sample, eps ~ N(0,1), MSE of the velocity; scales weighted by n_k / n_K.

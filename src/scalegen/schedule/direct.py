@@ -39,6 +39,11 @@ class DirectComposition:
         up = sample_up_size
         self.sample_up = self.scales.final if up is None else ((up, up) if isinstance(up, int) else tuple(up))
 
+    @staticmethod
+    def incompatible(tokenizer_cls) -> str | None:
+        """None: any tokenizer's latent composes directly (a VQ tokenizer's too, before quantisation)."""
+        return None
+
     def at(self, scales, key: str = "scales") -> "DirectComposition":
         """This composition, for its own schedule only (anything else is refused, naming `key`)."""
         own_or(self, scales, key)

@@ -26,7 +26,7 @@ class DirectVQComposition:
     @staticmethod
     def incompatible(tokenizer_cls) -> str | None:
         """Why a tokenizer class cannot serve this composition (None when it can); checked at config time."""
-        if not getattr(tokenizer_cls, "discrete", False) or getattr(tokenizer_cls, "residual", True):
+        if not tokenizer_cls.discrete or tokenizer_cls.residual:
             return (f"needs a non-residual VQ tokenizer that quantises every scale on its own (e.g. FlexVAE); "
                     f"{tokenizer_cls.__name__} is not one")
         return None

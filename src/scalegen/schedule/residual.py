@@ -22,6 +22,11 @@ class ResidualComposition:
         self.token_dim = self.quantizer.channels
         self.vocab_size = self.quantizer.vocab_size
 
+    @staticmethod
+    def incompatible(tokenizer_cls) -> str | None:
+        """None: build.py names the missing residual quantizer itself (model.composition=residual)."""
+        return None
+
     def at(self, scales, key: str = "scales") -> "ResidualComposition":
         """This composition, for its own schedule only (anything else is refused, naming `key`)."""
         own_or(self, scales, key)
