@@ -76,12 +76,12 @@ class GuidancePolicy:
         steps = min(S - 1, self.ratio_steps or S - 1)
         ratio = si / steps if S > 1 else 1.0
         beyond = bool(self.max_side) and max(size) > self.max_side  # past the largest trained scale (max_pn)
-        cfg, mix = self.cfg_scale, self.mix
+        scale, mix = self.cfg_scale, self.mix
         if self.cfg_schedule == "flowar":  # the CFG scale (cfg - 1) * si / (S - 1) + 1, flowar.py:411
-            ramp = (cfg - 1) * si / steps if S > 1 and not beyond else cfg - 1
+            ramp = (scale - 1) * si / steps if S > 1 and not beyond else scale - 1
             weight = ramp + 1 if mix == "llamagen" else ramp
         elif beyond or self.cfg_schedule == "constant":
-            weight = cfg
+            weight = scale
         else:  # t = cfg * ratio: VAR's models/var.py and FlexVAR's flexvar.py:221
-            weight = cfg * ratio
+            weight = scale * ratio
         return ScaleGuidance(weight, mix, ratio, beyond)

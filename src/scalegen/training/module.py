@@ -84,7 +84,8 @@ class GeneratorModule(L.LightningModule):
         return self.generator(labels, inputs, targets, scales)
 
     def training_step(self, batch, batch_idx):
-        loss, per_scale = self._loss(batch, drop_labels=True, scales=self.train_scales() if self.train_scales else None)
+        scales = self.train_scales() if self.train_scales else None  # FlexVAR: a fresh schedule per step
+        loss, per_scale = self._loss(batch, drop_labels=True, scales=scales)
         # every rank skips together (one rank's NaN must not leave the others waiting in the gradient all-reduce)
         if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
             return self._skip_nonfinite(loss)
