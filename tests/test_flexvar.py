@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conftest import REPO, compose_cfg
 from torch.utils.data import DataLoader, TensorDataset
 
-from scalegen.schedule.anyscale import RandomScales, using_scales
+from scalegen.schedule.anyscale import RandomScales
 from scalegen.build import build_generator, build_tokenizer, check_generator_config
 from scalegen.errors import ConfigError
 from scalegen.schedule.residual import ResidualComposition
@@ -24,6 +24,7 @@ from scalegen.official.flexvar import OFFICIAL_SIDES, build_flexvar
 from scalegen.io import CheckpointMismatch
 from scalegen.pretrained import load_generator
 from scalegen.generation.loop import generate
+from scalegen.generation.options import GenerateOptions
 from scalegen.schedule.scales import VAR_256, ScaleSchedule, area_down
 from scalegen.tokenizers.flexvq import FlexVAE
 from scalegen.tokenizers.train import TokenizerModule
@@ -151,11 +152,11 @@ def test_position_table_is_flexvars_and_resized_by_area():
         table[0, 2 * k + 1, y, x], torch.tensor(x * w).cos())
     gen = tiny_gen()
     bb = gen.backbone
-    bb.set_scales((1, 3, 16))  # 16 > the 8x8 grid: area upsampling
-    pos = bb.level_pos()
+    sched = ScaleSchedule.of((1, 3, 16))  # 16 > the 8x8 grid: area upsampling
+    pos = bb.level_pos(sched)
     assert pos.shape == (1, 1 + 9 + 256, 32)
     torch.testing.assert_close(pos[:, 1:10], area_down(bb.pos_embed, (3, 3)).flatten(2).transpose(1, 2))
-    assert bb.attn_bias.shape == (266, 266)
+    assert bb.attention_bias(sched).shape == (266, 266)
 
 
 @torch.no_grad()
@@ -165,16 +166,17 @@ def test_generation_replays_through_teacher_forcing_on_any_schedule(scales):
     comp = DirectVQComposition(vae, (1, 2, 4, 8))
     labels = torch.tensor([0, 3])
     seen = {"idx": [], "logits_cfg": []}
-    codes = generate(gen.backbone, gen.head, comp, labels, cfg=0.0, scales=scales, generator=torch.Generator().manual_seed(0),
+    codes = generate(gen.backbone, gen.head, comp, labels, GenerateOptions.of(gen.head, cfg_scale=0.0, scales=scales),
+                     generator=torch.Generator().manual_seed(0),
                      inspect=lambda si, n, t: seen[n].append(t.clone()) if n in seen else None)
     assert len(seen["idx"]) == len(scales)  # as many steps as the list has scales: no 9-vs-10 confusion
     assert gen.backbone.scales.sizes[-1] == comp.scales.sizes[-1] == (8, 8)  # restored after the call
     assert codes.shape == (2, 8, scales[-1], scales[-1])
     assert vae.decode(codes).shape == (2, 3, 2 * scales[-1], 2 * scales[-1])  # any final size
-    with using_scales(scales, gen.backbone, comp):
-        logits = gen(labels, comp.teacher_inputs(seen["idx"]))
-        for si, (b, e) in enumerate(comp.scales.offsets):
-            torch.testing.assert_close(seen["logits_cfg"][si], logits[:, b:e], atol=1e-4, rtol=0)
+    comp = comp.at(scales)
+    logits = gen.head(*gen.backbone(labels, comp.teacher_inputs(seen["idx"]), comp.scales))
+    for si, (b, e) in enumerate(comp.scales.offsets):
+        torch.testing.assert_close(seen["logits_cfg"][si], logits[:, b:e], atol=1e-4, rtol=0)
 
 
 @torch.no_grad()
@@ -187,13 +189,14 @@ def test_mamba_backbone_with_flexvar_positions_runs_any_schedule():
     gen.eval()
     labels, scales = torch.tensor([2, 7]), (1, 2, 3, 5, 8, 10)
     seen = {"idx": [], "logits_cfg": []}
-    codes = generate(gen.backbone, gen.head, comp, labels, cfg=0.0, scales=scales, generator=torch.Generator().manual_seed(0),
+    codes = generate(gen.backbone, gen.head, comp, labels, GenerateOptions.of(gen.head, cfg_scale=0.0, scales=scales),
+                     generator=torch.Generator().manual_seed(0),
                      inspect=lambda si, n, t: seen[n].append(t.clone()) if n in seen else None)
     assert tok.decode(codes).shape == (2, 3, 40, 40) and gen.backbone.scales.final == (8, 8)
-    with using_scales(scales, gen.backbone, comp):
-        logits = gen(labels, comp.teacher_inputs(seen["idx"]))
-        for si, (b, e) in enumerate(comp.scales.offsets):
-            torch.testing.assert_close(seen["logits_cfg"][si], logits[:, b:e], atol=1e-4, rtol=0)
+    comp = comp.at(scales)
+    logits = gen.head(*gen.backbone(labels, comp.teacher_inputs(seen["idx"]), comp.scales))
+    for si, (b, e) in enumerate(comp.scales.offsets):
+        torch.testing.assert_close(seen["logits_cfg"][si], logits[:, b:e], atol=1e-4, rtol=0)
 
 
 @torch.no_grad()
@@ -203,20 +206,22 @@ def test_official_cfg_ramp_max_side_and_greedy_off_grid():
     labels, cfg = torch.tensor([1, 2]), 2.0
     scales = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13)  # 13 steps: the ramp goes past cfg after step 9
     seen = {"idx": [], "logits_cfg": []}
-    generate(gen.backbone, gen.head, comp, labels, cfg=cfg, scales=scales, ratio_steps=9, max_side=10, top_k=3,
-             trained_sides=OFFICIAL_SIDES, generator=torch.Generator().manual_seed(0),
+    generate(gen.backbone, gen.head, comp, labels,
+             GenerateOptions.of(gen.head, cfg_scale=cfg, scales=scales, ratio_steps=9, max_side=10, top_k=3,
+                                trained_sides=OFFICIAL_SIDES), generator=torch.Generator().manual_seed(0),
              inspect=lambda si, n, t: seen[n].append(t.clone()) if n in seen else None)
-    with using_scales(scales, gen.backbone, comp):
-        inputs = comp.teacher_inputs(seen["idx"])
-        c, u = gen(labels, inputs), gen(torch.full_like(labels, 4), inputs)
-        for si, (b, e) in enumerate(comp.scales.offsets):
-            side = scales[si]
-            t = cfg if side > 10 else cfg * si / 9  # max_side: constant past it; else si / min(S-1, 9)
-            torch.testing.assert_close(seen["logits_cfg"][si], guide(c[:, b:e], u[:, b:e], t), atol=1e-4, rtol=1e-5)
-            greedy = side > 10 or side not in OFFICIAL_SIDES  # 7, 9, 11, 12: top_k=1
-            if greedy:
-                assert torch.equal(seen["idx"][si], seen["logits_cfg"][si].argmax(-1))
-        assert cfg * 10 / 9 > cfg  # step 10 (side 11) would exceed cfg without max_side
+    comp = comp.at(scales)
+    inputs = comp.teacher_inputs(seen["idx"])
+    c = gen.head(*gen.backbone(labels, inputs, comp.scales))
+    u = gen.head(*gen.backbone(torch.full_like(labels, 4), inputs, comp.scales))
+    for si, (b, e) in enumerate(comp.scales.offsets):
+        side = scales[si]
+        t = cfg if side > 10 else cfg * si / 9  # max_side: constant past it; else si / min(S-1, 9)
+        torch.testing.assert_close(seen["logits_cfg"][si], guide(c[:, b:e], u[:, b:e], t), atol=1e-4, rtol=1e-5)
+        greedy = side > 10 or side not in OFFICIAL_SIDES  # 7, 9, 11, 12: top_k=1
+        if greedy:
+            assert torch.equal(seen["idx"][si], seen["logits_cfg"][si].argmax(-1))
+    assert cfg * 10 / 9 > cfg  # step 10 (side 11) would exceed cfg without max_side
 
 
 def test_llamagen_guidance_mix():

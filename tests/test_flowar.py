@@ -20,7 +20,9 @@ from scalegen.heads.flow import FlowHead, euler_sample, euler_times
 from scalegen.heads.flownet import TimeEmbed
 from scalegen.official import export, load, load_pretrained
 from scalegen.io import CheckpointMismatch
+from scalegen.generation.guidance import ScaleGuidance
 from scalegen.generation.loop import generate
+from scalegen.generation.options import GenerateOptions
 from scalegen.schedule.scales import area_down, bicubic_up
 from scalegen.tokenizers.kl import AutoencoderKL
 from scalegen.tokenizers.latent_stats import latent_moments
@@ -108,7 +110,7 @@ def test_kv_cache_equals_block_causal_forward_on_non_square_scales():
     x, cond = bb.start(labels)
     steps = []
     for si, (b, e) in enumerate(sched.offsets):
-        steps.append(bb.step(x, cond))
+        steps.append(bb.step(x, cond, si))
         if si + 1 < len(sched):
             nb, ne = sched.offsets[si + 1]
             x = bb.embed_scale(si + 1, inputs[:, nb - 1:ne - 1])
@@ -143,14 +145,15 @@ def test_sampling_with_cfg_1_in_train_mode_any_channels():
     gen = tiny_flowar(token_dim=3, cross=True, drop=0.1).train()  # dropout on: the official sampler crashes here
     comp = DirectComposition(LatentsAsImages(3), gen.backbone.scales.sizes)
     labels = torch.tensor([2, 5])
-    out = generate(gen.backbone, gen.head, comp, labels, cfg=1.0, cfg_schedule="flowar",
-                   generator=torch.Generator().manual_seed(0), num_steps=3)
+    out = generate(gen.backbone, gen.head, comp, labels,
+                   GenerateOptions.of(gen.head, cfg_scale=1.0, cfg_schedule="flowar", num_steps=3),
+                   generator=torch.Generator().manual_seed(0))
     assert out.shape == (2, 3, 4, 4) and torch.isfinite(out).all()  # 3 channels: no hard-coded 16
     # cfg = 1 uses no guidance: the conditional half does not depend on the null-class rows
     net = gen.eval().head.net
     noise, z = torch.randn(4, 4, 3), torch.randn(4, 4, 32)
     z2 = torch.cat([z[:2], torch.randn(2, 4, 32)])
-    run = lambda cond, cfg: euler_sample(lambda x, t: net(x, t, cond, (2, 2)), noise, euler_times(4), cfg, 0.9)
+    run = lambda cond, cfg: euler_sample(lambda x, t: net(x, t, cond, (2, 2)), noise, euler_times(4), ScaleGuidance(cfg, "llamagen"), 0.9)
     assert torch.equal(run(z, 1.0)[:2], run(z2, 1.0)[:2]) and not torch.equal(run(z, 2.0)[:2], run(z2, 2.0)[:2])
 
 
@@ -219,7 +222,7 @@ def test_official_release_loads_for_sampling_and_converts(tmp_path):
     from scalegen.pretrained import load_generator
     module = load_generator(str(tmp_path / "FlowAR.pth"), str(tmp_path / "kl16.ckpt"))
     assert module.sample_cfg["cfg_schedule"] == "flowar" and module.sample_cfg["num_steps"] == 25
-    images = module.generate([3, 7], num_steps=2, cfg=1.5)
+    images = module.generate([3, 7], num_steps=2, cfg_scale=1.5)
     assert images.shape == (2, 3, 256, 256) and torch.isfinite(images).all()
 
     # a tokenizer with another channel count is refused, naming the key

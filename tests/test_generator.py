@@ -7,9 +7,10 @@ from conftest import REPO, compose_cfg, tiny_vq
 from scalegen.build import build_generator, build_tokenizer, check_generator_config
 from scalegen.schedule.residual import ResidualComposition
 from scalegen.generators import AdaLNTransformer, Generator, init_var_weights
-from scalegen.generation.guidance import guidance_strength, guide
+from scalegen.generation.guidance import GuidancePolicy, guide
 from scalegen.heads import CategoricalHead, sample_tokens, top_k_top_p_
 from scalegen.generation.loop import generate
+from scalegen.generation.options import GenerateOptions
 from scalegen.tokenizers import MultiScaleVQVAE
 
 CONFIGS = REPO / "configs"
@@ -45,7 +46,7 @@ def test_kv_cache_equals_full_forward(shared_aln, attn_l2_norm):
         x, cond = bb.start(labels)
         hidden = []
         for si, (begin, end) in enumerate(sched.offsets):
-            hidden.append(bb.step(x, cond))
+            hidden.append(bb.step(x, cond, si))
             if si + 1 < len(sched):
                 nb, ne = sched.offsets[si + 1]
                 x = bb.embed_scale(si + 1, inputs[:, nb - n0: ne - n0])
@@ -67,13 +68,14 @@ def tiny_vae(scales=(1, 2, 4)) -> MultiScaleVQVAE:
     return tiny_vq(scales).eval()
 
 
-def record_generation(gen, composition, labels, **kw):
+def record_generation(gen, composition, labels, generator=None, **kw):
     seen = {"logits_cfg": [], "logits_masked": [], "idx": []}
 
     def inspect(si, name, t):
         seen[name].append(t.clone())  # the samplers mask logits in place: keep a copy
 
-    latent = generate(gen.backbone, gen.head, composition, labels, inspect=inspect, **kw)
+    latent = generate(gen.backbone, gen.head, composition, labels, GenerateOptions.of(gen.head, **kw), generator=generator,
+                      inspect=inspect)
     return latent, seen
 
 
@@ -86,7 +88,7 @@ def test_generation_replays_through_teacher_forcing():
                          num_classes=4)
     labels = torch.tensor([0, 3, 1])
     rng = torch.Generator().manual_seed(1)
-    latent, seen = record_generation(gen, composition, labels, cfg=0.0, top_k=0, top_p=0.0, generator=rng)
+    latent, seen = record_generation(gen, composition, labels, cfg_scale=0.0, top_k=0, top_p=0.0, generator=rng)
 
     sched = composition.scales
     assert len(seen["idx"]) == len(sched)
@@ -94,7 +96,7 @@ def test_generation_replays_through_teacher_forcing():
         assert idx.shape == (3, h * w) and idx.dtype == torch.long
         assert 0 <= idx.min() and idx.max() < composition.vocab_size
 
-    logits = gen(labels, composition.teacher_inputs(seen["idx"]))  # t = 0: the conditional logits alone
+    logits = gen.head(*gen.backbone(labels, composition.teacher_inputs(seen["idx"])))  # t = 0: the conditional logits alone
     for si, (begin, end) in enumerate(sched.offsets):
         torch.testing.assert_close(seen["logits_cfg"][si], logits[:, begin:end], atol=1e-4, rtol=0)
 
@@ -114,10 +116,10 @@ def test_generation_guidance_mixes_conditional_and_null_passes():
                          num_classes=4)
     labels = torch.tensor([2, 0])
     cfg = 2.0
-    _, seen = record_generation(gen, composition, labels, cfg=cfg, generator=torch.Generator().manual_seed(3))
+    _, seen = record_generation(gen, composition, labels, cfg_scale=cfg, generator=torch.Generator().manual_seed(3))
     inputs = composition.teacher_inputs(seen["idx"])
-    cond = gen(labels, inputs)
-    uncond = gen(torch.full_like(labels, 4), inputs)
+    cond = gen.head(*gen.backbone(labels, inputs))
+    uncond = gen.head(*gen.backbone(torch.full_like(labels, 4), inputs))
     S = len(composition.scales)
     for si, (begin, end) in enumerate(composition.scales.offsets):
         t = cfg * si / (S - 1)  # the linear ramp
@@ -131,7 +133,7 @@ def test_generation_is_seeded():
     composition = ResidualComposition(tiny_vae())
     gen = tiny_generator(scales=composition.scales.sizes, token_dim=8, vocab=32, num_classes=4)
     labels = torch.tensor([1, 2])
-    run = lambda seed: record_generation(gen, composition, labels, cfg=1.5, top_k=8, top_p=0.9,
+    run = lambda seed: record_generation(gen, composition, labels, cfg_scale=1.5, top_k=8, top_p=0.9,
                                          generator=torch.Generator().manual_seed(seed))
     (a, sa), (b, sb), (c, sc) = run(5), run(5), run(6)
     assert torch.equal(a, b) and all(torch.equal(x, y) for x, y in zip(sa["idx"], sb["idx"]))
@@ -151,12 +153,15 @@ def test_guide():
 
 
 def test_guidance_strength_schedules():
-    assert guidance_strength(1.5, 0.0, "linear") == 0.0
-    assert guidance_strength(1.5, 1.0, "linear") == 1.5
-    assert guidance_strength(2.0, 0.25, "linear") == pytest.approx(0.5)
-    assert guidance_strength(1.5, 0.0, "constant") == guidance_strength(1.5, 0.7, "constant") == 1.5
+    def guidance_strength(cfg_scale, si, S, schedule):  # the weight at scale si of S (ratio si / (S-1))
+        return GuidancePolicy(cfg_scale, schedule).at(si, S, (1, 1)).weight
+
+    assert guidance_strength(1.5, 0, 2, "linear") == 0.0
+    assert guidance_strength(1.5, 1, 2, "linear") == 1.5
+    assert guidance_strength(2.0, 1, 5, "linear") == pytest.approx(0.5)
+    assert guidance_strength(1.5, 0, 2, "constant") == guidance_strength(1.5, 7, 11, "constant") == 1.5
     with pytest.raises(ValueError, match="cosine"):
-        guidance_strength(1.5, 0.5, "cosine")
+        guidance_strength(1.5, 1, 3, "cosine")
 
 
 # ---- (d) samplers -------------------------------------------------------------------------------------------------
@@ -270,7 +275,7 @@ def test_init_var_weights_gates_small_and_blocks_near_identity():
     x = torch.randn(2, gen.backbone.scales.num_tokens, width)
     cond = gen.backbone.class_emb(torch.tensor([1, 5]))
     for block in gen.backbone.blocks:
-        out = block(x, cond, gen.backbone.attn_bias)
+        out = block(x, cond, gen.backbone.attention_bias(gen.backbone.scales))
         assert (out - x).abs().max() < 1e-4 * x.abs().max()
     # so the whole stack returns (nearly) its embedded input
     bb, labels = gen.backbone, torch.tensor([1, 5])

@@ -16,9 +16,9 @@ MODULES = sorted(SRC.rglob("*.py"))
 
 # low -> high: a module may import modules of its own layer or of a lower one
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "io", "parts"),  # leaves: errors, checkpoint I/O, the part interfaces
-    ("schedule",),  # scales, masks, compositions of per-scale targets
-    ("tokenizers", "generators", "heads", "generation.guidance"),  # the parts (a head mixes guided predictions)
+    ("errors", "io"),  # leaves: errors, checkpoint I/O
+    ("schedule", "generation.guidance", "generation.options"),  # value types: schedules, compositions, guidance, options
+    ("parts", "tokenizers", "generators", "heads"),  # the part interfaces and the parts
     ("generation", "official", "data"),  # the loop over parts, the official releases, data modules
     ("scaleout.distributed", "scaleout.slurm", "tokenizers.train", "eval.metrics", "eval.classifier"),
     ("training",),  # the generator LightningModule

@@ -13,13 +13,13 @@ from parity import keyed_vae_state
 
 from scalegen.build import build_generator, build_tokenizer, check_generator_config
 from scalegen.generators import Generator, MambaAdaLNTransformer
-from scalegen.generators.mvar import block_diagonal_bias
 from scalegen.heads import CategoricalHead
 from scalegen.io import CheckpointMismatch
 from scalegen.io import read_meta
 from scalegen.official import export
 from scalegen.official.mvar import build_mvar, mvar_config_from_state
 from scalegen.pretrained import load_generator
+from scalegen.schedule.scales import ScaleSchedule
 
 convert_cli = importlib.import_module("scalegen.official.convert")
 pytestmark = pytest.mark.threads(1)
@@ -37,20 +37,21 @@ def tiny_mvar(scales=(1, 2, 3), shared_aln=False, attn_l2_norm=False, seed=0, to
     return gen.eval()
 
 
-def run_cached(bb, labels, inputs, record=None):
+def run_cached(bb, labels, inputs, record=None, scales=None):
     """Scale by scale through start / step / embed_scale with the cache on; hidden states concatenated."""
-    sched, n0 = bb.scales, bb.scales.token_counts[0]
+    sched = bb.resolve_scales(scales)
+    n0 = sched.token_counts[0]
     bb.kv_caching(True)
     try:
-        x, cond = bb.start(labels)
+        x, cond = bb.start(labels, sched)
         hidden = []
         for si, (begin, end) in enumerate(sched.offsets):
-            hidden.append(bb.step(x, cond))
+            hidden.append(bb.step(x, cond, si, sched))
             if record is not None:
                 record.append([None if s is None else s.ssm.clone() for s in bb.cache_states()])
             if si + 1 < len(sched):
                 nb, ne = sched.offsets[si + 1]
-                x = bb.embed_scale(si + 1, inputs[:, nb - n0:ne - n0])
+                x = bb.embed_scale(si + 1, inputs[:, nb - n0:ne - n0], sched)
     finally:
         bb.kv_caching(False)
     return torch.cat(hidden, 1)
@@ -83,8 +84,9 @@ def test_eval_mode_forward_equals_train_mode():
     """The official eval-mode teacher-forced forward crashes (no `cache`) or attends across scales; ours does not."""
     gen = tiny_mvar()
     labels, inputs = torch.tensor([1, 3]), torch.randn(2, 13, 8)
-    evaluated = gen(labels, inputs)
-    torch.testing.assert_close(gen.train()(labels, inputs), evaluated, rtol=0, atol=0)
+    evaluated = gen.head(*gen.backbone(labels, inputs))
+    gen.train()
+    torch.testing.assert_close(gen.head(*gen.backbone(labels, inputs)), evaluated, rtol=0, atol=0)
 
 
 @torch.no_grad()
@@ -102,7 +104,7 @@ def test_any_scale_size_no_max_seqlen():
 def test_attention_within_scales_mamba_causal_across():
     gen = tiny_mvar(scales=(1, 2, 3, 4))
     bb = gen.backbone
-    assert torch.equal(bb.attn_bias, block_diagonal_bias(bb.scales))
+    assert torch.equal(bb.attention_bias(bb.scales), bb.scales.block_diagonal_bias())
     labels, inputs = torch.tensor([1]), torch.randn(1, 29, 8)
     base, _ = bb(labels, inputs)
     (b2, e2) = bb.scales.offsets[2]  # scale 2 (3x3) occupies [5, 14) of the sequence; inputs start after token 0
@@ -124,7 +126,7 @@ def test_shared_aln_builds_nine_chunks():
 
 def test_backward_reaches_every_parameter():
     gen = tiny_mvar().train()
-    logits = gen(torch.tensor([0, 1]), torch.randn(2, 13, 8))
+    logits = gen.head(*gen.backbone(torch.tensor([0, 1]), torch.randn(2, 13, 8)))
     logits.square().mean().backward()
     missing = [n for n, p in gen.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert missing == []
@@ -206,7 +208,7 @@ def test_convert_round_trip_and_load_generator_reproduce_the_official_sampler(go
     for ckpt in ("d_tiny.pth", "m.safetensors"):
         module = load_generator(str(tmp_path / ckpt), str(tmp_path / "vae.pth"))
         assert isinstance(module.generator.backbone, MambaAdaLNTransformer)
-        images = module.generate(call["label_B"], seed=call["g_seed"], cfg=call["cfg"], top_k=call["top_k"], top_p=call["top_p"])
+        images = module.generate(call["label_B"], seed=call["g_seed"], cfg_scale=call["cfg"], top_k=call["top_k"], top_p=call["top_p"])
         torch.testing.assert_close(images, run["img_B3HW"], atol=1e-4, rtol=0)
 
 
@@ -227,8 +229,8 @@ def test_scale_free_variant_caches_exactly_on_any_schedule():
     torch.manual_seed(0)
     bb = ScaleFreeMambaTransformer(num_classes=5, token_dim=8, scales=(1, 2, 4), depth=2, width=64, num_heads=2,
                                    drop_path_rate=0.0, d_state=16, headdim=32, pos_grid=8).eval()
-    bb.set_scales([1, 3, 5, 7])
-    assert torch.equal(bb.attn_bias, block_diagonal_bias(bb.scales))
+    sched = ScaleSchedule.of([1, 3, 5, 7])
+    assert torch.equal(bb.attention_bias(sched), sched.block_diagonal_bias())
     labels, inputs = torch.tensor([1, 5]), torch.randn(2, 9 + 25 + 49, 8)
-    full, _ = bb(labels, inputs)
-    torch.testing.assert_close(run_cached(bb, labels, inputs), full, rtol=1e-5, atol=2e-6)
+    full, _ = bb(labels, inputs, sched)
+    torch.testing.assert_close(run_cached(bb, labels, inputs, scales=sched), full, rtol=1e-5, atol=2e-6)

@@ -76,7 +76,7 @@ def test_categorical_mamba_on_other_scale_lists(scales):
     loss.backward()
     assert math.isfinite(loss.item()) and len(per_scale) == 4
     assert module.generator.backbone.blocks[0].mamba.in_proj.weight.grad.abs().sum() > 0
-    out = module.generate([1, 2], seed=0, cfg=1.5, top_k=5)
+    out = module.generate([1, 2], seed=0, cfg_scale=1.5, top_k=5)
     assert out.shape == (2, 3, 32, 32) and out.isfinite().all()
 
 
@@ -99,7 +99,7 @@ def test_mamba_backbone_with_flexvar_non_residual_scales():
     module = flexvar_module("backbone=mvar", "model.train_scales=null", "backbone.headdim=32", "backbone.d_state=16")
     assert type(module.generator.backbone).__name__ == "MambaAdaLNTransformer"
     assert math.isfinite(one_step(module))
-    assert module.generate([1, 2], seed=0, cfg=1.5, top_k=5).shape == (2, 3, 32, 32)
+    assert module.generate([1, 2], seed=0, cfg_scale=1.5, top_k=5).shape == (2, 3, 32, 32)
 
 
 def test_scale_free_mamba_backbone_trains_on_random_schedules_and_samples_any_list():
@@ -113,5 +113,5 @@ def test_scale_free_mamba_backbone_trains_on_random_schedules_and_samples_any_li
     for _ in range(3):
         assert math.isfinite(one_step(module))
     assert all(sides[-1] == 8 for sides in drawn) and module.generator.backbone.scales.sizes[-1] == (8, 8)
-    images = module.generate([1, 2], seed=0, cfg=1.5, top_k=5, scales=[1, 2, 4, 6, 8])
+    images = module.generate([1, 2], seed=0, cfg_scale=1.5, top_k=5, scales=[1, 2, 4, 6, 8])
     assert images.shape == (2, 3, 32, 32) and images.isfinite().all()

@@ -213,12 +213,12 @@ def test_load_generator_reproduces_golden_samples(name, parity_root, tmp_path):
 
     module = load_generator(str(st), str(tmp_path / "vae.pth"))
     assert not module.training and module.num_classes == 10
-    images = module.generate([3, 7], seed=42, cfg=1.5, top_k=5, top_p=0.9)
+    images = module.generate([3, 7], seed=42, cfg_scale=1.5, top_k=5, top_p=0.9)
     assert images.shape == (2, 3, 64, 64)
     assert images.min() >= 0 and images.max() <= 1
     # the module seeds a CPU generator with `seed`, as the official sampler does with g_seed
     torch.testing.assert_close(images, main["sample_img"], atol=1e-4, rtol=0)
-    assert torch.equal(images, module.generate([3, 7], seed=42, cfg=1.5, top_k=5, top_p=0.9))
+    assert torch.equal(images, module.generate([3, 7], seed=42, cfg_scale=1.5, top_k=5, top_p=0.9))
 
 
 def test_load_generator_from_release_layout_files(tmp_path):
@@ -228,13 +228,13 @@ def test_load_generator_from_release_layout_files(tmp_path):
     with pytest.raises(ValueError, match="vae_ckpt"):
         load_generator(str(tmp_path / "var.pth"))
     module = load_generator(str(tmp_path / "var.pth"), str(tmp_path / "vae.pth"))
-    images = module.generate([0, 2], seed=0, cfg=1.5, top_k=4)
+    images = module.generate([0, 2], seed=0, cfg_scale=1.5, top_k=4)
     assert images.shape == (2, 3, 32, 32) and images.min() >= 0 and images.max() <= 1
     # the converted files give the same model
     convert_cli.main(["var", str(tmp_path / "var.pth"), "-o", str(tmp_path / "var.safetensors")])
     convert_cli.main(["vae", str(tmp_path / "vae.pth"), "-o", str(tmp_path / "vae.safetensors")])
     again = load_generator(str(tmp_path / "var.safetensors"), str(tmp_path / "vae.safetensors"))
-    assert torch.equal(again.generate([0, 2], seed=0, cfg=1.5, top_k=4), images)
+    assert torch.equal(again.generate([0, 2], seed=0, cfg_scale=1.5, top_k=4), images)
 
 
 def test_releases_are_recognised_by_their_keys_and_paired(tmp_path):

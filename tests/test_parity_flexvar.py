@@ -18,7 +18,8 @@ from scalegen.schedule.direct_vq import DirectVQComposition
 from scalegen import official
 from scalegen.official.flexvar import OFFICIAL_SIDES, flexvae_config_from_state, flexvar_config_from_state
 from scalegen.generation.loop import generate, random_labels
-from scalegen.schedule.scales import bicubic_up
+from scalegen.generation.options import GenerateOptions
+from scalegen.schedule.scales import ScaleSchedule, bicubic_up
 
 ATOL = 1e-4  # the bound for every float; indices and generator states are compared exactly
 
@@ -127,18 +128,17 @@ def check_transformer(g: dict, folder: Path, check: Parity) -> None:
     bb, labels = gen.backbone, g["label_B"]
     for pn, d in g["per_pn"].items():
         at = f"pn{''.join(map(str, pn))}."
-        bb.set_scales(pn)  # the official forward(label_B, x, infer_patch_nums) takes the list per call
+        sched = ScaleSchedule.of(pn)  # the official forward(label_B, x, infer_patch_nums) takes the list per call
         seen = {}
         hook = bb.blocks[0].register_forward_pre_hook(lambda m, args: seen.__setitem__("block0", args[0].clone()))
-        hidden, cond = bb(labels, d["x_BLCv_wo_first_l"])
+        hidden, cond = bb(labels, d["x_BLCv_wo_first_l"], sched)
         hook.remove()
         logits = gen.head(hidden, cond)
         check.close(at + "block0_input", seen["block0"], d["block0_input"])
         check.close(at + "cond_BD", cond, d["cond_BD"])
         check.close(at + "logits", logits, d["logits"])
-        check.close(at + "loss", gen.head.loss(logits, d["gt_BL"], bb.scales.offsets)[0].reshape(()), d["loss"])
-        check.exact(at + "attn_bias_for_masking", bb.attn_bias.view_as(d["attn_bias_for_masking"]), d["attn_bias_for_masking"])
-    bb.set_scales(cfg["patch_nums"])
+        check.close(at + "loss", gen.head.loss(logits, d["gt_BL"], sched.offsets)[0].reshape(()), d["loss"])
+        check.exact(at + "attn_bias_for_masking", bb.attention_bias(sched).view_as(d["attn_bias_for_masking"]), d["attn_bias_for_masking"])
     exported = official.export("flexvar", gen)
     check.equal("export keys", sorted(exported), sorted(g["state_dict"]))
     check.equal("export tensors", [k for k in exported if not torch.equal(exported[k], g["state_dict"][k])], [])
@@ -173,10 +173,11 @@ def check_case(vae, gen, num_classes: int, case: dict, check: Parity, at: str) -
     llamagen = k["used_llamagen_cfg"]
     composition = DirectVQComposition(vae, gen.backbone.scales)
     try:
-        codes = generate(gen.backbone, gen.head, composition, labels, cfg=k["cfg"],
-                         cfg_schedule="constant" if llamagen else "linear", cfg_mix="llamagen" if llamagen else "var",
-                         top_k=k["top_k"], top_p=k["top_p"], generator=rng, inspect=inspect,
-                         scales=k["infer_patch_nums"], ratio_steps=9, max_side=k["max_pn"], trained_sides=OFFICIAL_SIDES)
+        options = GenerateOptions.of(
+            gen.head, cfg_scale=k["cfg"], cfg_schedule="constant" if llamagen else "linear",
+            cfg_mix="llamagen" if llamagen else "var", top_k=k["top_k"], top_p=k["top_p"], scales=k["infer_patch_nums"],
+            ratio_steps=9, max_side=k["max_pn"], trained_sides=OFFICIAL_SIDES)
+        codes = generate(gen.backbone, gen.head, composition, labels, options, generator=rng, inspect=inspect)
     finally:
         for h in hooks:
             h.remove()

@@ -23,7 +23,9 @@ from scalegen.training.module import GeneratorModule
 from scalegen.official import export, load
 from scalegen.official.flowar import flowar_config_from_state
 from scalegen.official.kl16 import kl_config_from_state
+from scalegen.generation.guidance import ScaleGuidance
 from scalegen.generation.loop import generate
+from scalegen.generation.options import GenerateOptions
 
 ATOL = 1e-4  # floats (issue #3: within 1e-4, expect ~1e-6)
 
@@ -107,7 +109,7 @@ def check_forward(d: dict, check: Parity) -> None:
         x, cond = bb.start(fw["labels_effective"])
         cached = []
         for si, (b, e) in enumerate(sched.offsets):
-            cached.append(bb.step(x, cond))
+            cached.append(bb.step(x, cond, si))
             if si + 1 < len(sched):
                 nb, ne = sched.offsets[si + 1]
                 x = bb.embed_scale(si + 1, inputs[:, nb - 1:ne - 1])
@@ -137,12 +139,13 @@ def check_sample(d: dict, check: Parity) -> None:
 
     conds, nexts = [], []
     step = gen.backbone.step
-    gen.backbone.step = lambda x, c: conds.append(step(x, c)) or conds[-1]
+    gen.backbone.step = lambda x, c, *at: conds.append(step(x, c, *at)) or conds[-1]
     advance = comp.advance
     comp.advance = lambda si, st, tok, soft=None: (lambda r: nexts.append(r[1]) or r)(advance(si, st, tok, soft))
-    latent = generate(gen.backbone, gen.head, comp, s["labels"], cfg=s["cfg"], cfg_schedule="flowar",
-                      generator=torch.Generator().manual_seed(s["seed"]), inspect=inspect, num_steps=s["num_steps"],
-                      guidance=s["guidance"])
+    options = GenerateOptions.of(gen.head, cfg_scale=s["cfg"], cfg_schedule="flowar", num_steps=s["num_steps"],
+                                 guidance=s["guidance"])
+    latent = generate(gen.backbone, gen.head, comp, s["labels"], options,
+                      generator=torch.Generator().manual_seed(s["seed"]), inspect=inspect)
     K = len(gen.backbone.scales)
     check.exact("sample/noise_per_scale", [seen["noise"][k][0] for k in range(K)], s["noise_per_scale"])
     check.close("sample/cond_per_scale", conds, s["cond_per_scale"])
@@ -161,7 +164,7 @@ def check_sampler_only(d: dict, check: Parity) -> None:
         hw = (math.isqrt(n),) * 2
         times: list = []
         out = euler_sample(lambda x, t: gen.head.net(x, t, case["condition"], hw), case["noise"],
-                           euler_times(case["num_steps"]), case["cfg_scale"], case["guidance_high"],
+                           euler_times(case["num_steps"]), ScaleGuidance(case["cfg_scale"], "llamagen"), case["guidance_high"],
                            inspect=lambda name, t: times.append(t[0].item()))
         tag = f"sampler_only[N={case['num_steps']}]"
         check.exact(f"{tag} times", torch.tensor(times), torch.tensor(case["flownet_times"]))

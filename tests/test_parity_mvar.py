@@ -19,6 +19,7 @@ from scalegen.schedule.residual import ResidualComposition
 from scalegen.official import export, load
 from scalegen.official.mvar import mvar_config_from_state
 from scalegen.generation.loop import generate
+from scalegen.generation.options import GenerateOptions
 
 ATOL = 1e-4  # the float tolerance; indices exact
 
@@ -58,13 +59,13 @@ def test_golden(golden_file: Path, max_diffs):
                       block.mlp.register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(f"blocks.{i}.ffn_out", out)),
                       block.register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(f"blocks.{i}.block_out", out))]
         gen.train()
-        check.close("logits_BLV (train mode)", gen(labels, x), g["logits_BLV"])
+        check.close("logits_BLV (train mode)", gen.head(*gen.backbone(labels, x)), g["logits_BLV"])
         for h in hooks:
             h.remove()
         for name, ref in g["intermediates"].items():
             check.close(f"intermediates.{name.split('.', 2)[-1]}", seen[name], ref)
         gen.eval()  # the official eval forward crashes or attends across scales; ours computes the target
-        check.close("logits_BLV (eval mode)", gen(labels, x), g["logits_BLV"])
+        check.close("logits_BLV (eval mode)", gen.head(*gen.backbone(labels, x)), g["logits_BLV"])
 
     exported = export("mvar", gen)
     if set(exported) != set(g["state_dict"]):
@@ -103,8 +104,10 @@ def check_sampling(gen, composition, run: dict, check: Parity, at: str) -> None:
         if name in seen:
             seen[name].append(tensor.clone())
 
-    f_hat = generate(gen.backbone, gen.head, composition, torch.tensor(call["label_B"]), cfg=call["cfg"], top_k=call["top_k"],
-                     top_p=call["top_p"], more_smooth=call["more_smooth"], generator=rng, inspect=inspect)
+    options = GenerateOptions.of(gen.head, cfg_scale=call["cfg"], top_k=call["top_k"], top_p=call["top_p"],
+                                 more_smooth=call["more_smooth"])
+    f_hat = generate(gen.backbone, gen.head, composition, torch.tensor(call["label_B"]), options, generator=rng,
+                     inspect=inspect)
     check.exact(at + "idx_Bl", seen["idx"], run["idx_Bl"])
     check.close(at + "logits_cfg_BlV", seen["logits_cfg"], run["logits_cfg_BlV"])
     check.close(at + "f_hat", f_hat, run["f_hat"])

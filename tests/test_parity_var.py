@@ -19,6 +19,7 @@ from scalegen.official.table import convert
 from scalegen.official import export, load
 from scalegen.official.var import VAE_TABLE, var_config_from_state, vae_config_from_state
 from scalegen.generation.loop import generate, random_labels
+from scalegen.generation.options import GenerateOptions
 from scalegen.tokenizers import MultiScaleQuantizer, phi_table
 
 # absolute tolerances (README "Suggested tolerances"); indices are compared exactly, losses relatively
@@ -173,9 +174,9 @@ def check_var(g: dict, path: Path, check: Parity) -> None:
     num_classes = g["config"]["num_classes"]
 
     labels, x, gt = g["label_B"], g["x_BLCv_wo_first_l"], g["gt_BL"]
-    logits = gen(labels, x)
+    logits = gen.head(*gen.backbone(labels, x))
     check.close("logits_BLV", logits, g["logits_BLV"], LOGITS)
-    check.close("logits_BLV_uncond", gen(torch.full_like(labels, num_classes), x), g["logits_BLV_uncond"], LOGITS)
+    check.close("logits_BLV_uncond", gen.head(*gen.backbone(torch.full_like(labels, num_classes), x)), g["logits_BLV_uncond"], LOGITS)
     smoothing = gen.head.label_smoothing
     for ls, key in ((0.0, "train_loss_ls0"), (0.1, "train_loss_ls0p1")):
         gen.head.label_smoothing = ls
@@ -207,8 +208,9 @@ def check_sampling(gen, composition, num_classes: int, run: dict, check: Parity,
         if name in seen:
             seen[name].append(tensor.clone())
 
-    f_hat = generate(gen.backbone, gen.head, composition, labels, cfg=call["cfg"], top_k=call["top_k"], top_p=call["top_p"],
-                     more_smooth=call["more_smooth"], generator=rng, inspect=inspect)
+    options = GenerateOptions.of(gen.head, cfg_scale=call["cfg"], top_k=call["top_k"], top_p=call["top_p"],
+                                 more_smooth=call["more_smooth"])
+    f_hat = generate(gen.backbone, gen.head, composition, labels, options, generator=rng, inspect=inspect)
     check.exact("sample.idx_Bl", seen["idx"], run["idx_Bl"], at)
     check.close("sample.logits_cfg", seen["logits_cfg"], run["logits_cfg"], LOGITS, at)
     check.close("sample.logits_masked", seen["logits_masked"], run["logits_masked"], LOGITS, at)

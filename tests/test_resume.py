@@ -114,8 +114,8 @@ def test_nonfinite_losses_skip_count_and_stop(tmp_path):
     assert module.max_nonfinite == 3
     real_loss, nan_steps, snapshots = module._loss, {2, 3, 5, 6, 7}, {}
 
-    def loss(batch, drop_labels):
-        out, per_scale = real_loss(batch, drop_labels)
+    def loss(batch, drop_labels, scales=None):
+        out, per_scale = real_loss(batch, drop_labels, scales)
         step = module.global_step + 1
         snapshots[step] = module.generator.backbone.word_embed.weight.detach().clone()
         return (out * float("nan"), per_scale) if step in nan_steps else (out, per_scale)

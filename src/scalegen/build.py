@@ -6,12 +6,14 @@ impossible pairing fails at once, naming the key.
 from __future__ import annotations
 
 import inspect
+from dataclasses import fields
 from typing import Any, Iterable
 
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from scalegen.errors import ConfigError
+from scalegen.generation.options import GenerateOptions
 from scalegen.generators import Generator, init_var_weights
 from scalegen.official import load_tokenizer_weights
 from scalegen.schedule.anyscale import fixed_parts
@@ -52,7 +54,7 @@ def check_node(node: DictConfig, path: str, derived: Iterable[str] = (), *, part
 
 
 BACKBONE_DERIVED = ("num_classes", "token_dim", "scales")
-HEAD_DERIVED = ("width", "cond_dim", "vocab_size", "token_dim", "scales")
+HEAD_DERIVED = ("width", "cond_dim", "vocab_size", "token_dim")
 COMPOSITION_DERIVED = ("tokenizer", "scales")
 
 
@@ -79,28 +81,23 @@ def check_generator_config(cfg: DictConfig) -> None:
                           group="composition")
     comp = composition_name(comp_cls)
     check_optimizer(cfg.model)
-    why = getattr(comp_cls, "incompatible", lambda _: None)(tok_cls)
+    why = comp_cls.incompatible(tok_cls)  # the part interfaces are declared: scalegen.parts
     if why:
         raise ConfigError(f"model.composition={comp}: {why}")
     check_schedule_changes(cfg, backbone_cls, comp_cls)
-    if getattr(head_cls, "needs_discrete", False) and not getattr(tok_cls, "discrete", False):
+    if head_cls.needs_discrete and not tok_cls.discrete:
         raise ConfigError(f"head={head_cls.__name__} predicts code indices, but tokenizer={tok_cls.__name__} is continuous: "
                           "use a VQ tokenizer or a flow head")
-    comp_discrete = getattr(comp_cls, "discrete", True)
-    if getattr(head_cls, "needs_discrete", False) and not comp_discrete:
+    comp_discrete = comp_cls.discrete
+    if head_cls.needs_discrete and not comp_discrete:
         raise ConfigError(f"model.composition={comp} gives continuous latents, but head={head_cls.__name__} predicts code "
                           "indices: use composition=residual with a VQ tokenizer, or a flow head")
-    if getattr(head_cls, "needs_discrete", None) is False and comp_discrete:
+    if not head_cls.needs_discrete and comp_discrete:
         raise ConfigError(f"model.composition={comp} gives code indices, but head={head_cls.__name__} regresses continuous "
                           "latents: use composition=direct")
-    if hasattr(head_cls, "check_sampling"):  # e.g. num_steps < 1, named by its key, before any compute
-        for where, node in (("head.", cfg.head), ("sample.", cfg.get("sample") or {})):
-            try:
-                head_cls.check_sampling(*(node.get(k) for k in ("num_steps", "guidance", "time_grid")), prefix=where)
-            except ValueError as e:
-                raise ConfigError(str(e)) from None
+    check_sampling(cfg, head_cls)
     residual = issubclass(comp_cls, ResidualComposition)
-    if residual and not getattr(tok_cls, "residual", False):
+    if residual and not tok_cls.residual:
         raise ConfigError(f"model.composition={comp} needs a residual multi-scale quantizer; {tok_cls.__name__} has none: "
                           "use composition=direct_vq (VQ) or composition=direct (continuous)")
     tok_scales = cfg.tokenizer.get("v_patch_nums")
@@ -115,6 +112,21 @@ def check_generator_config(cfg: DictConfig) -> None:
         if last != (latent, latent):
             raise ConfigError(f"scales: the last scale {last} must equal the latent size {latent}x{latent} "
                               f"(data.image_size {cfg.data.image_size} / tokenizer downsampling {down})")
+
+
+RUN_SAMPLE_KEYS = ("per_class", "seed")  # the `sample` keys of the run itself, not options of generation
+
+
+def check_sampling(cfg: DictConfig, head_cls: type) -> None:
+    """The head's sampling defaults (head.num_steps, ...) and every sampling option of the run (sample.*), built as
+    the typed options they become, so an unknown key or a value that cannot work fails now, naming it."""
+    own = [f.name for f in fields(head_cls.options_type)]
+    head_cls.options_type.checked({k: cfg.head[k] for k in own if cfg.head.get(k) is not None}, "head.")
+    sample = {k: v for k, v in (cfg.get("sample") or {}).items() if k not in RUN_SAMPLE_KEYS}
+    try:
+        GenerateOptions.of(head_cls, sample)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"sample.{e}") from None
 
 
 def check_schedule_changes(cfg: DictConfig, backbone_cls: type, composition_cls: type) -> None:
@@ -143,10 +155,8 @@ def build_generator(cfg: DictConfig, tokenizer, num_classes: int):
     composition = instantiate(cfg.model.composition, _convert_="all")(tokenizer, list(cfg.scales))
     backbone = instantiate(cfg.backbone, num_classes=num_classes, token_dim=composition.token_dim,
                            scales=composition.scales.sizes, _convert_="all")
-    head_params = inspect.signature(get_class(cfg.head._target_)).parameters
-    extra = {k: v for k, v in (("token_dim", composition.token_dim), ("scales", composition.scales.sizes)) if k in head_params}
     head = instantiate(cfg.head, width=backbone.width, cond_dim=backbone.width, vocab_size=composition.vocab_size,
-                       **extra, _convert_="all")
+                       token_dim=composition.token_dim, _convert_="all")
     generator = Generator(backbone, head)
     init = cfg.model.get("init")
     if init:

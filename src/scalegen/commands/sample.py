@@ -21,14 +21,11 @@ from PIL import Image
 
 from scalegen.eval.metrics import to_uint8 as to_uint8_nchw
 from scalegen.generation.chunks import chunks, generate_chunk, shard_from_env
-from scalegen.generation.editing import sample_options
+from scalegen.generation.editing import edit_options
+from scalegen.generation.options import GenerateOptions
 from scalegen.io import atomic_write, resolve_path
 from scalegen.pretrained import load_generator
 
-# config keys handed to `GeneratorModule.generate` (None: the checkpoint's own default)
-SAMPLER_KEYS = ("cfg", "cfg_schedule", "top_k", "top_p", "more_smooth",
-                "scales", "cfg_mix", "ratio_steps", "max_side", "trained_sides",  # any-step / FlexVAR's rules
-                "num_steps", "guidance")  # the flow head's (FlowAR)
 GRID_CLASSES, GRID_PER_CLASS = 10, 8  # the grid shows the first images of the first classes, not all 50,000
 
 
@@ -56,7 +53,8 @@ def sampling_labels(cfg: DictConfig, num_classes: int) -> list[int]:
 
 
 def sampling_options(cfg: DictConfig) -> dict:
-    return {k: cfg[k] for k in SAMPLER_KEYS if cfg.get(k) is not None}
+    """The sampling keys the config sets (GenerateOptions' fields and every head's; null: the checkpoint's default)."""
+    return {k: cfg[k] for k in GenerateOptions.keys() if cfg.get(k) is not None}
 
 
 def pick_device(device: str) -> str:
@@ -119,7 +117,8 @@ def sample_to_folder(cfg: DictConfig) -> Path:
     module = load_generator(resolve_path(cfg.ckpt), resolve_path(cfg.vae_ckpt), pick_device(cfg.device))
     labels = sampling_labels(cfg, module.num_classes)
     opts = sampling_options(cfg)
-    extra = sample_options(cfg, module, opts)  # `scales` checked before any drawing; image-to-image (`edit`)
+    options = module.sampling_options(**opts)  # a key this model's head does not take is refused before any drawing
+    options, hook = edit_options(cfg, module, options)  # `scales` checked before any drawing; image-to-image (`edit`)
     out = Path(cfg.out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     check_manifest(out, {"ckpt": str(resolve_path(cfg.ckpt)), "vae_ckpt": resolve_path(cfg.vae_ckpt),
@@ -127,7 +126,6 @@ def sample_to_folder(cfg: DictConfig) -> Path:
                          "batch_size": cfg.batch_size, "use_ema": cfg.use_ema,
                          "options": OmegaConf.to_container(OmegaConf.create(opts), resolve=True),
                          "edit": OmegaConf.to_container(cfg.edit, resolve=True) if cfg.get("edit") else None})
-    opts.update(extra)
 
     mine = chunks(len(labels), cfg.batch_size, shard, num_shards)
     todo = [(a, b) for a, b in mine if not all((out / "images" / image_name(i, labels[i])).exists() for i in range(a, b))]
@@ -141,7 +139,8 @@ def sample_to_folder(cfg: DictConfig) -> Path:
                   TimeRemainingColumn()) as progress:
         task = progress.add_task(f"{tag}sampling", total=sum(b - a for a, b in todo))
         for a, b in todo:
-            images = to_uint8(generate_chunk(module, labels[a:b], a, cfg.seed, cfg.use_ema, **opts))
+            chunk = generate_chunk(module, labels[a:b], a, cfg.seed, cfg.use_ema, options=options, constrain=hook)
+            images = to_uint8(chunk)
             for i, img in zip(range(a, b), images):
                 path = out / "images" / image_name(i, labels[i])
                 if not path.exists():

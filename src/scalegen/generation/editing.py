@@ -10,6 +10,7 @@ targets, residual or not (a model tied to its schedule only refuses another `sca
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -18,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from scalegen.generation.options import GenerateOptions
 from scalegen.io import resolve_path
-from scalegen.schedule.anyscale import check_scales, using_scales
+from scalegen.schedule.anyscale import check_scales
 from scalegen.schedule.scales import ScaleSchedule, area_down
 
 
@@ -58,14 +60,13 @@ class KnownTokens:
 def known_tokens(module, image: torch.Tensor, mask: torch.Tensor | None = None, *, scales=None, keep_scales: int = 0,
                  threshold: float = 1.0) -> KnownTokens:
     """The hook for `image` (B or 1, 3, H, W) in [-1, 1] at the size the schedule ends at (16 px per token for VQ-16)."""
-    comp = module.composition
-    with using_scales(scales, comp):
-        latent = module.tokenizer.encode(image.float().to(module.device))
-        if tuple(latent.shape[-2:]) != comp.scales.final:
-            raise ValueError(f"edit.image: a {tuple(image.shape[-2:])} px image gives a {tuple(latent.shape[-2:])} latent, "
-                             f"but the schedule ends at {comp.scales.final}: resize the image or set scales")
-        targets = comp.targets(latent)
-        known = token_masks(mask, comp.scales, image.shape[0], threshold, keep_scales)
+    comp = module.composition.at(scales)  # the run's composition for that schedule
+    latent = module.tokenizer.encode(image.float().to(module.device))
+    if tuple(latent.shape[-2:]) != comp.scales.final:
+        raise ValueError(f"edit.image: a {tuple(image.shape[-2:])} px image gives a {tuple(latent.shape[-2:])} latent, "
+                         f"but the schedule ends at {comp.scales.final}: resize the image or set scales")
+    targets = comp.targets(latent)
+    known = token_masks(mask, comp.scales, image.shape[0], threshold, keep_scales)
     return KnownTokens(targets, known)
 
 
@@ -96,7 +97,8 @@ def edit(module, image: torch.Tensor, labels, mask: torch.Tensor | None = None, 
          threshold: float = 1.0, scales=None, seed: int | None = None, **options) -> torch.Tensor:
     """Images in [0, 1] for `labels`, from `image` in [-1, 1]: refinement (keep_scales > 0, no mask),
     in-painting / out-painting (mask: 1 = keep), expansion (a canvas and mask from `expand_canvas`, with `scales`
-    ending at the canvas's latent size, e.g. `stretched(...)`). Other options as `GeneratorModule.generate`."""
+    ending at the canvas's latent size, e.g. `stretched(...)`). Other sampling options (cfg_scale, top_k, ...) as
+    `GeneratorModule.generate`, checked into its typed options."""
     hook = known_tokens(module, image, mask, scales=scales, keep_scales=keep_scales, threshold=threshold)
     return module.generate(labels, seed=seed, scales=scales, constrain=hook, **options)
 
@@ -120,26 +122,28 @@ def load_mask(path: str, size: tuple[int, int]) -> torch.Tensor:
     return torch.from_numpy(np.array(mask)).float().div(255).view(1, 1, *size)
 
 
-def sample_options(cfg, module, opts: dict) -> dict:
-    """sample.py's extra options: the scale list checked now (before any image is drawn), and the `edit` hook."""
-    parts = (module.generator.backbone, module.composition) + ((module.ema.backbone,) if module.ema is not None else ())
-    check_scales(opts.get("scales"), *parts)
+def edit_options(cfg, module, options: GenerateOptions) -> tuple[GenerateOptions, KnownTokens | None]:
+    """sample.py's `edit` group: the options to draw with (the model's schedule stretched to an expanded canvas) and
+    the known-tokens hook (None: class-conditional sampling). Every schedule is checked before any image is drawn."""
+    parts = (module.generator.backbone, module.composition)
+    check_scales(options.scales, *parts)
     edit_cfg = cfg.get("edit") or {}
     if not edit_cfg.get("image"):
-        return {}
-    scales = opts.get("scales")
+        return options, None
+    scales = options.scales
     down = module.tokenizer.downsample
-    final = ScaleSchedule.of(scales or module.composition.scales).final
+    final = (module.composition.scales if scales is None else scales).final
     size = (final[0] * down, final[1] * down)
     mask, expand = None, edit_cfg.get("expand")
     if expand:
         top, bottom, left, right = (int(p) for p in expand)
         if any(p % down for p in expand):
             raise ValueError(f"edit.expand={list(expand)}: each side must be a multiple of {down} px (one token)")
-        inner = (size[0] - top - bottom, size[1] - left - right) if scales else size
+        inner = size if scales is None else (size[0] - top - bottom, size[1] - left - right)
         image, mask = expand_canvas(load_image(resolve_path(edit_cfg.image), inner), expand)
-        if not scales:  # the model's list, stretched to end at the canvas
-            scales = stretched(module.composition.scales, (image.shape[-2] // down, image.shape[-1] // down))
+        if scales is None:  # the model's list, stretched to end at the canvas
+            canvas = (image.shape[-2] // down, image.shape[-1] // down)
+            scales = ScaleSchedule.of(stretched(module.composition.scales, canvas))
             check_scales(scales, *parts)
     else:
         image = load_image(resolve_path(edit_cfg.image), size)
@@ -150,4 +154,4 @@ def sample_options(cfg, module, opts: dict) -> dict:
                          "or edit.expand (expansion): give one")
     hook = known_tokens(module, image, mask, scales=scales, keep_scales=edit_cfg.get("keep_scales") or 0,
                         threshold=edit_cfg.get("threshold", 1.0))
-    return {"scales": scales, "constrain": hook}
+    return replace(options, scales=scales), hook

@@ -2,6 +2,8 @@
 
 Position p of scale k sees every position of scales <= k (block-causal). The first scale's input is the class
 embedding itself (the start token); the inputs of scale k come from the tokenizer's composition of scales < k.
+Every call takes the run's schedule (`scales`, None: the one the backbone was built with); VAR's backbone learns
+a position per token of that schedule, so it is tied to it (`scale_free = False`) and refuses another one.
 """
 from __future__ import annotations
 
@@ -11,11 +13,13 @@ import torch
 import torch.nn as nn
 
 from scalegen.generators.attention import AdaLNBlock, ada_linear
+from scalegen.schedule.anyscale import own_or
 from scalegen.schedule.scales import VAR_256, ScaleSchedule
 
 
 class AdaLNTransformer(nn.Module):
     ada_chunks = 6  # AdaLN vectors per block (gamma, scale, shift of attention and MLP); M-VAR's blocks take 9
+    scale_free = False  # one learnt position and level embedding per token of the schedule it was built with
 
     def __init__(self, num_classes: int = 1000, token_dim: int = 32, scales: Sequence = VAR_256, depth: int = 16,
                  width: int | None = None, num_heads: int | None = None, mlp_ratio: float = 4.0, drop_rate: float = 0.0,
@@ -46,12 +50,23 @@ class AdaLNTransformer(nn.Module):
             self.make_block(width, width, num_heads, mlp_ratio, drop_rate, attn_drop_rate, dpr[i], norm_eps, shared_aln, attn_l2_norm)
             for i in range(depth)
         )
-        self.register_buffer("lvl_ids", self.scales.level_ids().unsqueeze(0), persistent=False)
-        self.register_buffer("attn_bias", self.scales.block_causal_bias(), persistent=False)
 
     def make_block(self, *args) -> nn.Module:
         """One block from AdaLNBlock's positional arguments; subclasses swap the block (M-VAR adds a Mamba2 mixer)."""
         return AdaLNBlock(*args)
+
+    # -- the schedule of a call ---------------------------------------------------------------------------------------
+    def resolve_scales(self, scales=None, key: str = "scales") -> ScaleSchedule:
+        """The schedule a call runs on: the built one (None), or `scales` where this backbone allows it."""
+        return own_or(self, scales, key)
+
+    def attention_bias(self, scales: ScaleSchedule, device=None) -> torch.Tensor:
+        """The teacher-forced pass's mask: a query sees its own and coarser scales (M-VAR: its own only)."""
+        return scales.block_causal_bias(device)
+
+    def level_pos(self, scales: ScaleSchedule) -> torch.Tensor:
+        """(1, L, C): level embedding + absolute position of every token of `scales`."""
+        return self.lvl_embed(scales.level_ids(self.pos_embed.device).unsqueeze(0)) + self.pos_embed
 
     # -- pieces shared by the full forward and generation ----------------------------------------------------------
     def block_cond(self, cond: torch.Tensor) -> torch.Tensor:
@@ -59,31 +74,31 @@ class AdaLNTransformer(nn.Module):
             return cond
         return self.shared_ada_lin(cond).view(-1, 1, self.ada_chunks, self.width)
 
-    def level_pos(self) -> torch.Tensor:
-        return self.lvl_embed(self.lvl_ids) + self.pos_embed
-
-    def start(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def start(self, labels: torch.Tensor, scales=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Labels (B,) -> the first scale's input (B, n0, C) and the class condition (B, C)."""
+        scales = self.resolve_scales(scales)
         cond = self.class_emb(labels)
         x = cond.unsqueeze(1).expand(-1, self.first_l, -1) + self.pos_start.expand(labels.shape[0], -1, -1)
-        return x + self.level_pos()[:, : self.first_l], cond
+        return x + self.level_pos(scales)[:, : self.first_l], cond
 
-    def embed_scale(self, si: int, tokens: torch.Tensor) -> torch.Tensor:
+    def embed_scale(self, si: int, tokens: torch.Tensor, scales=None) -> torch.Tensor:
         """Input features of scale si (B, n, token_dim) -> model inputs (B, n, C)."""
-        begin, end = self.scales.offsets[si]
-        return self.word_embed(tokens) + self.level_pos()[:, begin:end]
+        scales = self.resolve_scales(scales)
+        begin, end = scales.offsets[si]
+        return self.word_embed(tokens) + self.level_pos(scales)[:, begin:end]
 
     # -- training --------------------------------------------------------------------------------------------------
-    def forward(self, labels: torch.Tensor, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, labels: torch.Tensor, inputs: torch.Tensor, scales=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced pass. labels (B,), inputs (B, L - n0, token_dim) -> hidden (B, L, C), cond (B, C)."""
+        scales = self.resolve_scales(scales)
         B = labels.shape[0]
         cond = self.class_emb(labels)
         x = cond.unsqueeze(1).expand(B, self.first_l, -1) + self.pos_start.expand(B, -1, -1)
         x = torch.cat((x, self.word_embed(inputs.float())), dim=1)
         L = x.shape[1]
-        x = x + self.level_pos()[:, :L]
+        x = x + self.level_pos(scales)[:, :L]
         block_cond = self.block_cond(cond)
-        bias = self.attn_bias[:L, :L]
+        bias = self.attention_bias(scales, x.device)[:L, :L]
         for block in self.blocks:
             x = block(x, block_cond, bias)
         return x, cond
@@ -93,8 +108,9 @@ class AdaLNTransformer(nn.Module):
         for block in self.blocks:
             block.attn.kv_caching(enable)
 
-    def step(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """One scale with the KV cache on: inputs of that scale (B, n, C) -> hidden (B, n, C)."""
+    def step(self, x: torch.Tensor, cond: torch.Tensor, si: int, scales=None) -> torch.Tensor:
+        """Scale si with the KV cache on: its inputs (B, n, C) -> hidden (B, n, C). The cache holds the coarser
+        scales, so neither a mask nor the schedule is needed here."""
         block_cond = self.block_cond(cond)
         for block in self.blocks:
             x = block(x, block_cond, None)

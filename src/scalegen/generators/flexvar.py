@@ -3,11 +3,11 @@
 VAR learns one absolute position per token of its fixed schedule plus a level embedding per scale; FlexVAR keeps
 a (1, C, grid, grid) table, resizes it with `area` (adaptive average pooling) to every scale's size and has no
 level embedding (official models/flexvar.py:70-71,147-162,192-196,276-283). So any scale
-list, and sizes up to and beyond the grid, run without new parameters: `set_scales` swaps the schedule in place,
-as the official `update_patch_related` does.
+list, and sizes up to and beyond the grid, run without new parameters: positions and the mask are computed from
+the schedule each call is given, as the official forward does from its `infer_patch_nums`.
 
 `ScalePositions` does this for any backbone built like `AdaLNTransformer` (start / embed_scale / forward read
-`level_pos()`, `attn_bias`, `scales`): `ScaleFreeTransformer` is FlexVAR's backbone (backbone=flexvar);
+`level_pos(scales)` and `attention_bias(scales)`): `ScaleFreeTransformer` is FlexVAR's backbone (backbone=flexvar);
 generators/mvar.py puts the same positions on M-VAR's Mamba blocks (backbone=mvar_flex).
 """
 from __future__ import annotations
@@ -38,8 +38,10 @@ class ScalePositions:
     """Mixin over an AdaLNTransformer-like backbone: the 2-D table instead of per-token positions and levels.
 
     The constructor takes the base's arguments plus `pos_grid`, the table's side (official: 32, twice the largest
-    trained scale). `scales` is only the schedule the model starts with.
+    trained scale). `scales` is only the schedule a call without one runs on.
     """
+
+    scale_free = True  # positions are the table resized to whatever schedule a call brings
 
     def __init__(self, *args, pos_grid: int = 32, **kwargs):
         super().__init__(*args, **kwargs)
@@ -47,22 +49,16 @@ class ScalePositions:
         self.pos_embed = nn.Parameter(sincos_table(pos_grid, self.width))
         self.pos_grid = pos_grid
 
-    def level_pos(self) -> torch.Tensor:
-        """(1, L, C): the table resized to each scale of the current schedule, flattened row-major."""
-        return torch.cat([area_down(self.pos_embed, size).flatten(2).transpose(1, 2) for size in self.scales.sizes], dim=1)
+    def level_pos(self, scales: ScaleSchedule) -> torch.Tensor:
+        """(1, L, C): the table resized to each scale of `scales`, flattened row-major."""
+        return torch.cat([area_down(self.pos_embed, size).flatten(2).transpose(1, 2) for size in scales.sizes], dim=1)
 
-    def attention_bias(self, sched: ScaleSchedule, device) -> torch.Tensor:
-        return sched.block_causal_bias(device)  # a query sees its own and coarser scales
-
-    def set_scales(self, scales) -> None:
-        """Run on another schedule from now on: any number of steps, any sizes (the first fixed by pos_start)."""
-        sched = ScaleSchedule.of(scales)
+    def resolve_scales(self, scales=None, key: str = "scales") -> ScaleSchedule:
+        """Any number of steps, any sizes; only the first scale is fixed, by pos_start."""
+        sched = super().resolve_scales(scales, key)
         if sched.token_counts[0] != self.first_l:
-            raise ValueError(f"scales: the first scale must have {self.first_l} token(s), as pos_start; got {sched.sizes[0]}")
-        device = self.attn_bias.device
-        self.scales = sched
-        self.lvl_ids = sched.level_ids(device).unsqueeze(0)
-        self.attn_bias = self.attention_bias(sched, device)
+            raise ValueError(f"{key}: the first scale must have {self.first_l} token(s), as pos_start; got {sched.sizes[0]}")
+        return sched
 
 
 class ScaleFreeTransformer(ScalePositions, AdaLNTransformer):

@@ -15,10 +15,13 @@ import torch.nn as nn
 
 from scalegen.generators.attention import AdaLNBlock, RMSNorm
 from scalegen.generators.rope import rope_table
+from scalegen.schedule.anyscale import own_or
 from scalegen.schedule.scales import ScaleSchedule
 
 
 class FlowARTransformer(nn.Module):
+    scale_free = False  # position tables and RoPE are laid out for the schedule it was built with
+
     def __init__(self, num_classes: int = 1000, token_dim: int = 16, scales: Sequence = (1, 2, 4, 8, 16),
                  width: int = 768, encoder_depth: int = 6, decoder_depth: int = 6, num_heads: int = 12,
                  mlp_ratio: float = 4.0, attn_drop_rate: float = 0.0, proj_drop_rate: float = 0.0,
@@ -50,8 +53,6 @@ class FlowARTransformer(nn.Module):
         cos, sin = rope_table(width // num_heads, self.scales.sizes, rope_grid, rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.register_buffer("attn_bias", self.scales.block_causal_bias(), persistent=False)
-        self._cached_len = 0
         self.init_weights()
 
     @torch.no_grad()
@@ -64,6 +65,10 @@ class FlowARTransformer(nn.Module):
                     m.bias.zero_()
         for t in (self.class_emb.weight, self.enc_pos, self.dec_pos, self.head_pos):
             nn.init.normal_(t, std=0.02)
+
+    def resolve_scales(self, scales=None, key: str = "scales") -> ScaleSchedule:
+        """The schedule a call runs on: the built one; another one is refused (the tables are laid out for it)."""
+        return own_or(self, scales, key)
 
     # -- the two stacks, shared by the full forward and generation -------------------------------------------------
     def _run(self, blocks, x, cond, bias, rope):
@@ -80,31 +85,31 @@ class FlowARTransformer(nn.Module):
         x = self.decoder_norm(self._run(self.blocks[self.encoder_depth:], x, cond, bias, rope))
         return x + self.head_pos[:, begin:end]
 
-    def start(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def start(self, labels: torch.Tensor, scales=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Labels (B,) -> the first scale's input (the class token, repeated if that scale has several) and the cond."""
+        self.resolve_scales(scales)
         cond = self.class_emb(labels)
         return cond.unsqueeze(1).expand(-1, self.first_l, -1), cond
 
-    def embed_scale(self, si: int, tokens: torch.Tensor) -> torch.Tensor:
+    def embed_scale(self, si: int, tokens: torch.Tensor, scales=None) -> torch.Tensor:
         """Input features of scale si (B, n, token_dim) -> model inputs (B, n, C); positions are added in `step`."""
         return self.z_proj(tokens)
 
     # -- training --------------------------------------------------------------------------------------------------
-    def forward(self, labels: torch.Tensor, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, labels: torch.Tensor, inputs: torch.Tensor, scales=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced pass. labels (B,), inputs (B, L - n0, token_dim) -> hidden (B, L, C), cond (B, C)."""
-        x, cond = self.start(labels)
+        scales = self.resolve_scales(scales)
+        x, cond = self.start(labels, scales)
         x = torch.cat((x, self.z_proj(inputs)), dim=1)
         L = x.shape[1]
-        return self._body(x, cond, 0, L, self.attn_bias[:L, :L]), cond
+        return self._body(x, cond, 0, L, scales.block_causal_bias(x.device)[:L, :L]), cond
 
     # -- generation ------------------------------------------------------------------------------------------------
     def kv_caching(self, enable: bool) -> None:
-        self._cached_len = 0
         for blk in self.blocks:
             blk.attn.kv_caching(enable)
 
-    def step(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """The next scale with the KV cache on: its inputs (B, n, C) -> hidden (B, n, C)."""
-        begin = self._cached_len
-        self._cached_len += x.shape[1]
-        return self._body(x, cond, begin, self._cached_len, None)
+    def step(self, x: torch.Tensor, cond: torch.Tensor, si: int, scales=None) -> torch.Tensor:
+        """Scale si with the KV cache on: its inputs (B, n, C) -> hidden (B, n, C); positions from its offsets."""
+        begin, end = self.resolve_scales(scales).offsets[si]
+        return self._body(x, cond, begin, end, None)

@@ -4,16 +4,21 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from scalegen.parts import Backbone, Head
+
 
 class Generator(nn.Module):
-    def __init__(self, backbone: nn.Module, head: nn.Module):
+    def __init__(self, backbone: Backbone, head: Head):
         super().__init__()
         self.backbone, self.head = backbone, head
 
-    def forward(self, labels: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced pass: labels (B,), inputs (B, L - n0, token_dim) -> head output (B, L, ...)."""
-        hidden, cond = self.backbone(labels, inputs)
-        return self.head(hidden, cond)
+    def forward(self, labels: torch.Tensor, inputs: torch.Tensor, targets: list[torch.Tensor], scales=None):
+        """The training contract of every head: labels (B,), teacher inputs (B, L - n0, token_dim) and the per-scale
+        targets of `scales` (None: the backbone's own) -> (loss, per-scale logs). One call through the root module,
+        as FSDP wants; logits (categorical head) are `head(*backbone(labels, inputs, scales))`."""
+        scales = self.backbone.resolve_scales(scales)
+        hidden, cond = self.backbone(labels, inputs, scales)
+        return self.head.training_loss(hidden, cond, targets, scales)
 
 
 @torch.no_grad()
@@ -29,12 +34,7 @@ def init_var_weights(gen: Generator, init_adaln: float = 0.5, init_adaln_gamma: 
                 m.bias.zero_()
         elif isinstance(m, nn.Embedding):
             nn.init.trunc_normal_(m.weight, std=std)
-    head = gen.head
-    if hasattr(head, "proj") and hasattr(head, "norm"):  # categorical head: scaled logits, AdaLN at half strength
-        head.proj.weight.mul_(init_head)
-        head.proj.bias.zero_()
-        head.norm.ada_lin[-1].weight.mul_(init_adaln)
-        head.norm.ada_lin[-1].bias.zero_()
+    gen.head.var_init(init_head, init_adaln)  # the head owns its part (categorical: small logits, AdaLN at half)
     depth = len(gen.backbone.blocks)
     for block in gen.backbone.blocks:
         block.attn.proj.weight.div_((2 * depth) ** 0.5)

@@ -28,13 +28,6 @@ from scalegen.generators.mamba2 import Mamba2, MambaState
 from scalegen.schedule.scales import VAR_256, ScaleSchedule
 
 
-def block_diagonal_bias(scales: ScaleSchedule, device=None, dtype=torch.float32) -> torch.Tensor:
-    """(L, L) additive mask: 0 where query and key are in the same scale, -inf elsewhere (M-VAR's attention)."""
-    lvl = scales.level_ids(device)
-    same = lvl[:, None] == lvl[None, :]
-    return torch.zeros(same.shape, dtype=dtype, device=device).masked_fill_(~same, float("-inf"))
-
-
 class MambaAdaLNBlock(nn.Module):
     """One M-VAR block. Positional arguments are AdaLNBlock's; the Mamba2 options follow as keywords."""
 
@@ -96,7 +89,6 @@ class MambaAdaLNTransformer(AdaLNTransformer):
         self.mamba_options = dict(d_state=d_state, d_conv=d_conv, expand=expand, headdim=headdim, mamba_backend=mamba_backend)
         super().__init__(num_classes, token_dim, scales, depth, width, num_heads, mlp_ratio, drop_rate, attn_drop_rate,
                          drop_path_rate, norm_eps, shared_aln, attn_l2_norm)
-        self.attn_bias = block_diagonal_bias(self.scales)  # replaces VAR's block-causal mask
         with torch.no_grad():  # the official init_weights: depthwise conv from trunc_normal(0.02), zero bias
             for block in self.blocks:
                 nn.init.trunc_normal_(block.mamba.conv1d.weight, std=0.02)
@@ -104,6 +96,9 @@ class MambaAdaLNTransformer(AdaLNTransformer):
 
     def make_block(self, *args) -> nn.Module:
         return MambaAdaLNBlock(*args, **self.mamba_options)
+
+    def attention_bias(self, scales: ScaleSchedule, device=None) -> torch.Tensor:
+        return scales.block_diagonal_bias(device)  # within each scale; Mamba2 carries the sequence across scales
 
     # -- generation: a Mamba2 state per block instead of a KV cache -----------------------------------------------
     def kv_caching(self, enable: bool) -> None:
@@ -129,6 +124,3 @@ class ScaleFreeMambaTransformer(ScalePositions, MambaAdaLNTransformer):
         super().__init__(num_classes, token_dim, scales, depth, width, num_heads, mlp_ratio, drop_rate, attn_drop_rate,
                          drop_path_rate, norm_eps, shared_aln, attn_l2_norm, d_state, d_conv, expand, headdim,
                          mamba_backend, pos_grid=pos_grid)
-
-    def attention_bias(self, sched: ScaleSchedule, device) -> torch.Tensor:
-        return block_diagonal_bias(sched, device)  # within each scale, not FlexVAR's block-causal mask

@@ -5,19 +5,35 @@ one `torch.multinomial` per scale, then the Gumbel draw), so a seeded CPU genera
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from types import MappingProxyType
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from scalegen.generation.guidance import guide
+from scalegen.generation.guidance import ScaleGuidance
+from scalegen.generation.options import HeadOptions
 from scalegen.generators.attention import AdaLNBeforeHead
+
+
+@dataclass(frozen=True)
+class CategoricalOptions(HeadOptions):
+    """The categorical head's sampling options (config keys of the same names)."""
+
+    top_k: int = 0  # 0: off
+    top_p: float = 0.0  # 0: off
+    more_smooth: bool = False  # Gumbel-soft codes: VAR's visualisation trick, never for FID
 
 
 class CategoricalHead(nn.Module):
     needs_discrete = True  # predicts code indices: pairs only with a VQ tokenizer
-    greedy_options = {"top_k": 1}  # what the sampling loop sets for scales sampled greedily (FlexVAR's off-grid rule)
+    options_type = CategoricalOptions
+    greedy_options = MappingProxyType({"top_k": 1})  # scales sampled greedily (FlexVAR's off-grid rule)
 
-    def __init__(self, width: int, cond_dim: int, vocab_size: int, norm_eps: float = 1e-6, label_smoothing: float = 0.0):
+    def __init__(self, width: int, cond_dim: int, vocab_size: int, norm_eps: float = 1e-6, label_smoothing: float = 0.0,
+                 *, token_dim: int | None = None):
+        """`token_dim` is part of every head's construction contract (scalegen.build); indices need no latent width."""
         super().__init__()
         self.vocab_size, self.label_smoothing = vocab_size, label_smoothing
         self.norm = AdaLNBeforeHead(width, cond_dim, norm_eps)
@@ -28,8 +44,8 @@ class CategoricalHead(nn.Module):
         return self.proj(self.norm(hidden.float(), cond).float()).float()
 
     @torch.no_grad()
-    def sample(self, hidden: torch.Tensor, cond: torch.Tensor, cfg_t: float, *, ratio: float, generator=None,
-               top_k: int = 0, top_p: float = 0.0, more_smooth: bool = False, cfg_mix: str = "var", inspect=None):
+    def sample(self, hidden: torch.Tensor, cond: torch.Tensor, guidance: ScaleGuidance, options: CategoricalOptions, *,
+               si: int, size: tuple[int, int], generator=None, inspect=None):
         """One scale of generation. hidden/cond hold the conditional then the null-class half (2B rows).
 
         Returns (indices (B, n), soft codes weights (B, n, V) or None): guided logits, top-k/top-p, one multinomial
@@ -37,15 +53,25 @@ class CategoricalHead(nn.Module):
         """
         logits = self(hidden, cond)
         B = logits.shape[0] // 2
-        logits = guide(logits[:B], logits[B:], cfg_t, cfg_mix)
+        logits = guidance(logits[:B], logits[B:])
         if inspect:
             inspect("logits_cfg", logits)
-        idx = sample_tokens(logits, top_k, top_p, generator)  # masks `logits` in place
-        soft = gumbel_soft(logits.mul(1 + ratio), smooth_tau(ratio), generator) if more_smooth else None
+        idx = sample_tokens(logits, options.top_k, options.top_p, generator)  # masks `logits` in place
+        ratio = guidance.ratio
+        soft = gumbel_soft(logits.mul(1 + ratio), smooth_tau(ratio), generator) if options.more_smooth else None
         if inspect:
             inspect("logits_masked", logits)
             inspect("idx", idx)
         return idx, soft
+
+    @torch.no_grad()
+    def var_init(self, init_head: float, init_adaln: float) -> None:
+        """The head's part of VAR's init_weights (var.py:236-286), after the trunc-normal of every linear: logits
+        scaled by init_head, AdaLN at init_adaln strength, zero biases."""
+        self.proj.weight.mul_(init_head)
+        self.proj.bias.zero_()
+        self.norm.ada_lin[-1].weight.mul_(init_adaln)
+        self.norm.ada_lin[-1].bias.zero_()
 
     def training_loss(self, hidden: torch.Tensor, cond: torch.Tensor, targets: list[torch.Tensor], scales):
         """The contract every head keeps for the LightningModule: hidden states + per-scale targets -> loss, logs."""

@@ -6,16 +6,40 @@ t: 1 -> 0 with classifier-free guidance inside an interval of t. Reference: Flow
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Callable
 
 import torch
 import torch.nn as nn
 
-from scalegen.generation.guidance import guide
+from scalegen.generation.guidance import ScaleGuidance
+from scalegen.generation.options import HeadOptions
 from scalegen.heads.flownet import FlowNet
-from scalegen.schedule.scales import ScaleSchedule
 
 TIME_GRIDS = ("flowar", "uniform")
+
+
+def check_sampling(num_steps=None, guidance=None, time_grid=None, prefix: str = "") -> None:
+    """Flow sampling options that cannot work, named by their key (`prefix`: where they were set, e.g. "head.")."""
+    if num_steps is not None and (int(num_steps) != num_steps or num_steps < 1):
+        raise ValueError(f"{prefix}num_steps={num_steps}: needs an integer >= 1 (FlowAR uses 25 or 50)")
+    if guidance is not None and not 0.0 <= guidance <= 1.0:
+        raise ValueError(f"{prefix}guidance={guidance}: the guidance interval's upper end, a time in [0, 1]")
+    if time_grid is not None and time_grid not in TIME_GRIDS:
+        raise ValueError(f"{prefix}time_grid={time_grid!r}: allowed values are {list(TIME_GRIDS)}")
+
+
+@dataclass(frozen=True)
+class FlowOptions(HeadOptions):
+    """The flow head's sampling options (config keys of the same names); None: the head's own (head.num_steps, ...)."""
+
+    num_steps: int | None = None  # Euler grid size (25 -> 24 steps, 50 -> uniform)
+    guidance: float | None = None  # CFG only while t <= guidance (FlowAR's --guidance)
+    time_grid: str | None = None
+
+    def __post_init__(self):
+        check_sampling(self.num_steps, self.guidance, self.time_grid)
 
 
 def euler_times(num_steps: int, kind: str = "flowar") -> torch.Tensor:
@@ -36,25 +60,26 @@ def euler_times(num_steps: int, kind: str = "flowar") -> torch.Tensor:
 
 @torch.no_grad()
 def euler_sample(velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], noise: torch.Tensor,
-                 times: torch.Tensor, cfg_scale: float = 1.0, guidance_high: float = 1.0, guidance_low: float = 0.0,
+                 times: torch.Tensor, guidance: ScaleGuidance, guidance_high: float = 1.0, guidance_low: float = 0.0,
                  inspect: Callable[[str, torch.Tensor], None] | None = None) -> torch.Tensor:
     """Integrate dx/dt = v from times[0] to times[-1] in float64 (FlowAR's `euler_sampler`).
 
-    `noise` holds the conditional rows then the unconditional ones. Where guidance is on (cfg_scale > 1 and
-    guidance_low <= t <= guidance_high) both halves are evaluated at the conditional state and the guided velocity
-    moves both halves; elsewhere each half follows its own. `velocity(x, t)` is called in the noise's dtype.
+    `noise` holds the conditional rows then the unconditional ones. Where guidance is on (`guidance.active`, FlowAR's
+    cfg_scale > 1, and guidance_low <= t <= guidance_high) both halves are evaluated at the conditional state and
+    the velocities mixed by `guidance` move both halves; elsewhere each half follows its own. `velocity(x, t)` is
+    called in the noise's dtype.
     """
     dtype, B = noise.dtype, noise.shape[0] // 2
     x = noise.to(torch.float64)
     for t_cur, t_next in zip(times[:-1], times[1:]):
-        guided = cfg_scale > 1.0 and guidance_low <= t_cur <= guidance_high
+        guided = guidance.active and guidance_low <= t_cur <= guidance_high
         inp = torch.cat([x[:B], x[:B]]) if guided else x
         t = (torch.ones(inp.shape[0], dtype=torch.float64, device=x.device) * t_cur).to(dtype)
         if inspect:
             inspect("t", t)
         d = velocity(inp.to(dtype), t).to(torch.float64)
         if guided:
-            d = guide(d[:B], d[B:], cfg_scale, "llamagen")  # u + (c - u) * cfg, the official operand order
+            d = guidance(d[:B], d[B:])  # FlowAR: u + (c - u) * cfg_scale, the official operand order
             d = torch.cat([d, d])
         x = x + (t_next - t_cur) * d
     return x
@@ -62,30 +87,24 @@ def euler_sample(velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
 
 class FlowHead(nn.Module):
     needs_discrete = False  # regresses continuous latents: pairs with a KL tokenizer or a VQ tokenizer's latent
+    options_type = FlowOptions
+    greedy_options = MappingProxyType({})  # no greedy variant: every scale is integrated the same way
 
     def __init__(self, width: int, cond_dim: int, vocab_size: int | None = None, token_dim: int | None = None,
-                 scales=None, flow_width: int = 1024, depth: int = 2, cross: bool = False, num_heads: int | None = None,
+                 flow_width: int = 1024, depth: int = 2, cross: bool = False, num_heads: int | None = None,
                  mlp_ratio: float = 4.0, time_freq_dim: int = 256, rope_grid: float = 16,
                  zero_init_output: bool = False, num_steps: int = 25, guidance: float = 0.9,
                  time_grid: str = "flowar"):
         super().__init__()
         if token_dim is None:
             raise ValueError("head.token_dim: the latent channel count is needed (derived from the tokenizer)")
-        self.check_sampling(num_steps, guidance, time_grid, prefix="head.")
+        check_sampling(num_steps, guidance, time_grid, prefix="head.")
         self.token_dim, self.num_steps, self.guidance, self.time_grid = token_dim, num_steps, guidance, time_grid
-        self.scales = None if scales is None else ScaleSchedule.of(scales)  # token-map sizes, for RoPE when sampling
         self.net = FlowNet(token_dim, flow_width, width, depth, cross, num_heads, mlp_ratio, time_freq_dim, rope_grid,
                            zero_init_output)
 
-    @staticmethod
-    def check_sampling(num_steps=None, guidance=None, time_grid=None, prefix: str = "sample.") -> None:
-        """Sampling options that cannot work, named by their config key."""
-        if num_steps is not None and (int(num_steps) != num_steps or num_steps < 1):
-            raise ValueError(f"{prefix}num_steps={num_steps}: needs an integer >= 1 (FlowAR uses 25 or 50)")
-        if guidance is not None and not 0.0 <= guidance <= 1.0:
-            raise ValueError(f"{prefix}guidance={guidance}: the guidance interval's upper end, a time in [0, 1]")
-        if time_grid is not None and time_grid not in TIME_GRIDS:
-            raise ValueError(f"{prefix}time_grid={time_grid!r}: allowed values are {list(TIME_GRIDS)}")
+    def var_init(self, init_head: float, init_adaln: float) -> None:
+        """VAR's init_weights has no head-specific part here: the flow network keeps the trunc-normal linears."""
 
     # -- training --------------------------------------------------------------------------------------------------
     def training_loss(self, hidden: torch.Tensor, cond: torch.Tensor, targets: list[torch.Tensor], scales):
@@ -108,39 +127,23 @@ class FlowHead(nn.Module):
 
     # -- generation ------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def sample(self, hidden: torch.Tensor, cond: torch.Tensor, cfg_t: float, *, ratio: float, generator=None,
-               inspect=None, num_steps: int | None = None, guidance: float | None = None, time_grid: str | None = None):
-        """One scale. hidden (2B, n, D): conditional rows then null-class rows; cfg_t: guidance weight (CFG scale - 1).
+    def sample(self, hidden: torch.Tensor, cond: torch.Tensor, guidance: ScaleGuidance, options: FlowOptions, *,
+               si: int, size: tuple[int, int], generator=None, inspect=None):
+        """Scale si, of `size`. hidden (2B, n, D): conditional rows then null-class rows, mixed by `guidance`.
 
         Each scale starts from pure noise (2B, n, token_dim), drawn from `generator` on its device. Returns the
         conditional half (B, n, token_dim) in fp32 and no soft codes."""
-        self.check_sampling(num_steps, guidance, time_grid)
-        num_steps = self.num_steps if num_steps is None else int(num_steps)
-        guidance = self.guidance if guidance is None else guidance
+        num_steps = self.num_steps if options.num_steps is None else int(options.num_steps)
+        high = self.guidance if options.guidance is None else options.guidance
         n = hidden.shape[1]
-        hw = self._size(n, ratio)
         device = generator.device if generator is not None else hidden.device
         noise = torch.randn((hidden.shape[0], n, self.token_dim), generator=generator, device=device).to(hidden.device)
         if inspect:
             inspect("noise", noise)
-        context = self.net.context(hidden.float(), hw)  # the condition's projections, once per scale
-        out = euler_sample(lambda x, t: self.net(x, t, None, context=context), noise, euler_times(num_steps, time_grid or self.time_grid),
-                           1.0 + cfg_t, guidance, inspect=inspect)
+        context = self.net.context(hidden.float(), size)  # the condition's projections, once per scale
+        times = euler_times(num_steps, options.time_grid or self.time_grid)
+        out = euler_sample(lambda x, t: self.net(x, t, None, context=context), noise, times, guidance, high, inspect=inspect)
         if inspect:
             inspect("sampler_out", out)
         B = hidden.shape[0] // 2
         return out[:B].float(), None
-
-    def _size(self, n: int, ratio: float) -> tuple[int, int]:
-        """The (h, w) of the scale being sampled: from the schedule (ratio = si / (S - 1)), else square."""
-        if self.scales is not None:
-            si = round(ratio * (len(self.scales) - 1))
-            if 0 <= si < len(self.scales) and self.scales.token_counts[si] == n:
-                return self.scales.sizes[si]
-            same = [hw for hw, count in zip(self.scales.sizes, self.scales.token_counts) if count == n]
-            if len(set(same)) == 1:
-                return same[0]
-        side = int(round(n**0.5))
-        if side * side != n:
-            raise ValueError(f"a scale of {n} tokens is not square and not in the head's schedule")
-        return side, side

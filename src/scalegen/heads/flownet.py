@@ -79,6 +79,8 @@ def _mlp(width: int, mlp_ratio: float) -> SwiGLU:
 class SpatialAdaLNBlock(nn.Module):
     """`Block_v1`: x += g1*attn(norm(x)(1+s1)+b1); x += g2*mlp(norm(x)(1+s2)+b2), mods = Linear(SiLU(t + c)) per token."""
 
+    cross = False  # no cross-attention: nothing of the condition to precompute per scale
+
     def __init__(self, width: int, num_heads: int, mlp_ratio: float = 4.0):
         super().__init__()
         self.width = width
@@ -96,6 +98,8 @@ class SpatialAdaLNBlock(nn.Module):
 
 class CrossAttnBlock(nn.Module):
     """`Block_v2`: time-modulated self-attention, cross-attention to the AR output z, (t + c)-modulated MLP."""
+
+    cross = True  # its keys/values of z are computed once per scale (FlowNet.context)
 
     def __init__(self, width: int, num_heads: int, cond_width: int, mlp_ratio: float = 4.0):
         super().__init__()
@@ -172,14 +176,16 @@ class FlowNet(nn.Module):
     def rope(self, hw: tuple[int, int], device) -> tuple[torch.Tensor, torch.Tensor]:
         key = (hw, device)
         if key not in self._rope_cache:
-            angles = rope_angles(self.rope_freqs.to(device), hw[0], hw[1], self.rope_grid)
-            self._rope_cache[key] = (angles.cos(), angles.sin())
+            # built outside inference mode: a table first made in validation is then saved for backward in training
+            with torch.inference_mode(False), torch.no_grad():
+                angles = rope_angles(self.rope_freqs.to(device), hw[0], hw[1], self.rope_grid)
+                self._rope_cache[key] = (angles.cos(), angles.sin())
         return self._rope_cache[key]
 
     def context(self, z: torch.Tensor, hw: tuple[int, int]) -> dict:
         """What depends only on the condition z (B, N, D) of a scale: computed once, reused by every ODE step."""
         rope = self.rope(tuple(hw), z.device)
-        kv = [blk.cross_keys_values(z, rope) if hasattr(blk, "crossattn") else None for blk in self.res_blocks]
+        kv = [blk.cross_keys_values(z, rope) if blk.cross else None for blk in self.res_blocks]
         return {"z": z, "rope": rope, "c": self.cond_embed(z), "kv": kv}
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor | None, hw: tuple[int, int] | None = None,

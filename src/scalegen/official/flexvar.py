@@ -23,7 +23,7 @@ FLEXVAR_TABLE: list[Rule] = [r for r in VAR_TABLE if r[0] not in ("lvl_1L", "lvl
 # sides the official sampler treats as trained; others (and sides > max_pn) are sampled greedily (flexvar.py:230)
 OFFICIAL_SIDES = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16, 23, 24, 32)
 # eval_c2i.py's settings (cfg 2.5 at 256 px, top-k 900, top-p 0.95, maxpn 16) and the official CFG ramp
-OFFICIAL_SAMPLE = dict(cfg=2.5, cfg_schedule="linear", top_k=900, top_p=0.95, more_smooth=False, cfg_mix="var",
+OFFICIAL_SAMPLE = dict(cfg_scale=2.5, cfg_schedule="linear", top_k=900, top_p=0.95, more_smooth=False, cfg_mix="var",
                        ratio_steps=9, max_side=16, trained_sides=list(OFFICIAL_SIDES))
 
 

@@ -44,11 +44,11 @@ def flowar_table(gen: Generator) -> list[Rule]:
 # the released sizes (flowar.py:428-449) and their README/eval.sh sampling settings
 PRESETS = {
     "flowar_s": dict(width=768, encoder_depth=6, decoder_depth=6, num_heads=12, flow_width=1024, depth=2, cross=False,
-                     sample=dict(cfg=4.3, num_steps=25, guidance=0.9)),
+                     sample=dict(cfg_scale=4.3, num_steps=25, guidance=0.9)),
     "flowar_l": dict(width=1024, encoder_depth=8, decoder_depth=8, num_heads=16, flow_width=1024, depth=12, cross=True,
-                     sample=dict(cfg=2.4, num_steps=25, guidance=0.9)),
+                     sample=dict(cfg_scale=2.4, num_steps=25, guidance=0.9)),
     "flowar_h": dict(width=1536, encoder_depth=15, decoder_depth=15, num_heads=16, flow_width=1536, depth=12, cross=True,
-                     sample=dict(cfg=2.4, num_steps=50, guidance=0.7)),
+                     sample=dict(cfg_scale=2.4, num_steps=50, guidance=0.7)),
 }
 HEAD_KEYS = ("flow_width", "depth", "cross", "head_heads")
 
@@ -107,7 +107,7 @@ def build_flowar(config: dict) -> Generator:
     head = {k: cfg.pop(k) for k in HEAD_KEYS}
     backbone = FlowARTransformer(**cfg)
     return Generator(backbone, FlowHead(backbone.width, backbone.width, token_dim=backbone.token_dim,
-                                        scales=backbone.scales.sizes, flow_width=head["flow_width"], depth=head["depth"],
+                                        flow_width=head["flow_width"], depth=head["depth"],
                                         cross=head["cross"], num_heads=head["head_heads"]))
 
 

@@ -12,10 +12,11 @@ from dataclasses import replace
 
 import torch
 
-from scalegen.generators.mvar import MambaAdaLNTransformer, block_diagonal_bias
+from scalegen.generators.mvar import MambaAdaLNTransformer
 from scalegen.official.registry import register
 from scalegen.official.table import Rule
 from scalegen.official.var import VAR, VAR_TABLE, build_with, var_buffers, var_config_from_state
+from scalegen.schedule.scales import ScaleSchedule
 
 MVAR_TABLE: list[Rule] = [
     ("blocks.{i}.attn.patch_nums", None),  # token count per scale: derived from the schedule
@@ -54,7 +55,7 @@ build_mvar = build_with(MambaAdaLNTransformer)
 def mvar_buffers(gen) -> dict[str, torch.Tensor]:
     """VAR's buffers with M-VAR's block-diagonal mask (stored, never used upstream) and the per-block token counts."""
     counts = torch.tensor(gen.backbone.scales.token_counts, dtype=torch.int32)
-    out = var_buffers(gen, block_diagonal_bias)
+    out = var_buffers(gen, ScaleSchedule.block_diagonal_bias)
     out.update((f"blocks.{i}.attn.patch_nums", counts.clone()) for i in range(len(gen.backbone.blocks)))
     return out
 

@@ -1,15 +1,14 @@
 """Running a model on another scale list than the one it was built with: any number of steps, any final size
 (FlexVAR's sampling), and a random schedule per training step (FlexVAR's trainer).
 
-The contract: a backbone or a composition whose computation depends on the schedule only through `scales` offers
-`set_scales(scales)`; `using_scales` swaps the schedule of every part for a block and restores it after. Parts
-without it are tied to their schedule (VAR's residual tokens, VAR's per-token positions): asking them for another
-list fails before any compute, saying why.
+The contract: every part declares `scale_free`. The composition owns the run's schedule; running on another one
+is a composition for it (`composition.at(scales)`), and the backbone and head receive the schedule with every call.
+A scale-free part computes from whatever schedule it is given; a tied one (VAR's residual tokens, VAR's
+per-token positions, FlowAR's tables) refuses another list before any compute, saying why (ConfigError).
 """
 from __future__ import annotations
 
 import random
-from contextlib import contextmanager
 from typing import Sequence
 
 from scalegen.errors import ConfigError
@@ -26,7 +25,7 @@ _WHY_FIXED = {
 
 
 def supports_scales(part_or_cls) -> bool:
-    return callable(getattr(part_or_cls, "set_scales", None))
+    return part_or_cls.scale_free
 
 
 def why_fixed(part_or_cls) -> str:
@@ -34,7 +33,7 @@ def why_fixed(part_or_cls) -> str:
     for klass in cls.__mro__:
         if klass.__name__ in _WHY_FIXED:
             return f"{cls.__name__}: {_WHY_FIXED[klass.__name__]}"
-    return f"{cls.__name__} has a fixed schedule (no set_scales)"
+    return f"{cls.__name__} runs only on the schedule it was built with (scale_free = False)"
 
 
 def fixed_parts(*parts_or_classes) -> list[str]:
@@ -43,35 +42,40 @@ def fixed_parts(*parts_or_classes) -> list[str]:
     return list(dict.fromkeys(reasons))  # the EMA copy of a backbone says the same
 
 
+def _refuse(sched: ScaleSchedule, reasons: list[str], key: str) -> ConfigError:
+    shown = [h if h == w else [h, w] for h, w in sched.sizes]
+    return ConfigError(f"{key}={shown}: this model runs only on the scales it was built with; " + "; ".join(reasons))
+
+
 def check_scales(scales, *parts, key: str = "scales") -> ScaleSchedule | None:
     """The schedule to switch to (None: keep each part's own), after checking that every part allows it."""
     if scales is None:
         return None
     sched = ScaleSchedule.of(scales)
-    if all(getattr(p, "scales", None) == sched for p in parts):
+    if all(p.scales == sched for p in parts):
         return None
     fixed = fixed_parts(*parts)
     if fixed:
-        shown = [h if h == w else [h, w] for h, w in sched.sizes]
-        raise ConfigError(f"{key}={shown}: this model runs only on the scales it was built with; " + "; ".join(fixed))
+        raise _refuse(sched, fixed, key)
     return sched
 
 
-@contextmanager
-def using_scales(scales, *parts, key: str = "scales"):
-    """Within the block every part runs on `scales` (None: unchanged); their own schedules come back after."""
-    sched = check_scales(scales, *parts, key=key)
-    if sched is None:
-        yield
-        return
-    before = [p.scales for p in parts]
-    try:
-        for p in parts:
-            p.set_scales(sched)
-        yield
-    finally:
-        for p, old in zip(parts, before):
-            p.set_scales(old)
+def own_or(part, scales, key: str = "scales") -> ScaleSchedule:
+    """The schedule one call of `part` runs on: its own (None), or `scales`, which a tied part refuses."""
+    if scales is None or scales is part.scales:
+        return part.scales
+    sched = ScaleSchedule.of(scales)
+    if sched != part.scales and not part.scale_free:
+        raise _refuse(sched, [why_fixed(part)], key)
+    return sched
+
+
+def for_schedule(scales, composition, backbone, key: str = "scales"):
+    """(composition, schedule) of a run on `scales` (None: the composition's own), once every part agreed: the
+    composition for that schedule, and the schedule the backbone is then called with."""
+    check_scales(scales, backbone, composition, key=key)  # every reason at once, named by `key`
+    composition = composition.at(scales, key)
+    return composition, backbone.resolve_scales(composition.scales, key)
 
 
 class RandomScales:

@@ -11,6 +11,7 @@ from typing import Sequence
 
 import torch
 
+from scalegen.schedule.anyscale import own_or
 from scalegen.schedule.scales import ScaleSchedule, area_down, bicubic_up
 
 
@@ -27,6 +28,7 @@ def to_map(tokens: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 class DirectComposition:
     discrete = False
     vocab_size = None
+    scale_free = False  # FlowAR's transformer is tied to its tables; the composition follows it
 
     def __init__(self, tokenizer, scales: Sequence, sample_up_size: int | Sequence[int] | None = None):
         """sample_up_size: the intermediate size of the next-input chain when sampling. None (default) is the latent
@@ -36,6 +38,16 @@ class DirectComposition:
         self.token_dim = tokenizer.latent_channels
         up = sample_up_size
         self.sample_up = self.scales.final if up is None else ((up, up) if isinstance(up, int) else tuple(up))
+
+    @staticmethod
+    def incompatible(tokenizer_cls) -> str | None:
+        """None: any tokenizer's latent composes directly (a VQ tokenizer's too, before quantisation)."""
+        return None
+
+    def at(self, scales, key: str = "scales") -> "DirectComposition":
+        """This composition, for its own schedule only (anything else is refused, naming `key`)."""
+        own_or(self, scales, key)
+        return self
 
     def _next(self, si: int, x: torch.Tensor, up: tuple[int, int]) -> torch.Tensor:
         """Scale si's map -> scale si+1's input tokens: bicubic to `up`, then area to s_{si+1}."""

@@ -1,7 +1,7 @@
 """`DirectVQComposition` (FlexVAR): each scale's targets are the code indices of the latent area-downsampled to
 that scale, quantised on its own; the input of scale k is scale k-1's codewords upsampled (bicubic).
 
-Nothing accumulates across scales, so the schedule is free: any list of sizes (`set_scales`), and the image is
+Nothing accumulates across scales, so the schedule is free: any list of sizes (`at`), and the image is
 decoded from the last scale's tokens alone (official trainer.py:57-86 and
 flexvar.py:243-255).
 """
@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import torch
 
+from scalegen.schedule.anyscale import own_or
 from scalegen.schedule.scales import ScaleSchedule, bicubic_up
 
 
 class DirectVQComposition:
     discrete = True
+    scale_free = True  # targets and inputs depend on the schedule's sizes only
 
     def __init__(self, tokenizer, scales):
         self.tokenizer = tokenizer
@@ -24,14 +26,15 @@ class DirectVQComposition:
     @staticmethod
     def incompatible(tokenizer_cls) -> str | None:
         """Why a tokenizer class cannot serve this composition (None when it can); checked at config time."""
-        if not getattr(tokenizer_cls, "discrete", False) or getattr(tokenizer_cls, "residual", True):
+        if not tokenizer_cls.discrete or tokenizer_cls.residual:
             return (f"needs a non-residual VQ tokenizer that quantises every scale on its own (e.g. FlexVAE); "
                     f"{tokenizer_cls.__name__} is not one")
         return None
 
-    def set_scales(self, scales) -> None:
-        """Run on another schedule (any steps, any final size): targets and inputs depend on nothing else."""
-        self.scales = ScaleSchedule.of(scales)
+    def at(self, scales, key: str = "scales") -> "DirectVQComposition":
+        """The composition for `scales` (any steps, any final size; None: this one)."""
+        sched = own_or(self, scales, key)
+        return self if sched == self.scales else DirectVQComposition(self.tokenizer, sched)
 
     @torch.no_grad()
     def targets(self, latent: torch.Tensor) -> list[torch.Tensor]:

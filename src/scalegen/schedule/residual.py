@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import torch
 
+from scalegen.schedule.anyscale import own_or
 from scalegen.schedule.scales import ScaleSchedule
 
 
 class ResidualComposition:
     discrete = True
+    scale_free = False  # each scale codes what the coarser ones left: the quantizer's schedule only
 
     def __init__(self, tokenizer, scales=None):
         self.tokenizer = tokenizer
@@ -19,6 +21,16 @@ class ResidualComposition:
         self.scales = ScaleSchedule.of(scales or self.quantizer.scales)
         self.token_dim = self.quantizer.channels
         self.vocab_size = self.quantizer.vocab_size
+
+    @staticmethod
+    def incompatible(tokenizer_cls) -> str | None:
+        """None: build.py names the missing residual quantizer itself (model.composition=residual)."""
+        return None
+
+    def at(self, scales, key: str = "scales") -> "ResidualComposition":
+        """This composition, for its own schedule only (anything else is refused, naming `key`)."""
+        own_or(self, scales, key)
+        return self
 
     @torch.no_grad()
     def targets(self, latent: torch.Tensor) -> list[torch.Tensor]:

@@ -1,11 +1,15 @@
 """Scale schedules: which token maps a model predicts, coarse to fine, and where they sit in the sequence.
 
 A schedule is a tuple of (h, w) sizes. It knows the token counts, the offsets of each scale in the flat
-sequence, the scale id of every position and the block-causal mask (a query sees every key of its own and of
-coarser scales). The resampling used to move between scales lives here too, once: `area` down, `bicubic` up.
+sequence, the scale id of every position and the attention masks over scales: block-causal (a query sees every key
+of its own and of coarser scales; VAR, FlexVAR, FlowAR) and block-diagonal (its own scale only; M-VAR). Masks and
+level ids are built once per (schedule, device, dtype) and shared, so a schedule drawn per training step or at
+sampling time costs one build; treat them as read-only. The resampling used to move between scales lives here
+too, once: `area` down, `bicubic` up.
 """
 from __future__ import annotations
 
+import functools
 import numbers
 from dataclasses import dataclass
 from typing import Sequence, Union
@@ -72,18 +76,37 @@ class ScaleSchedule:
         return out
 
     def level_ids(self, device=None) -> torch.Tensor:
-        """(L,) int64: the scale index of every position (VAR's `lvl_1L`)."""
-        return torch.cat([torch.full((n,), i, dtype=torch.long, device=device) for i, n in enumerate(self.token_counts)])
+        """(L,) int64: the scale index of every position (VAR's `lvl_1L`). Shared: do not modify in place."""
+        return _built(self, "levels", _device(device), torch.long)
 
     def block_causal_bias(self, device=None, dtype=torch.float32) -> torch.Tensor:
-        """(L, L) additive mask: 0 where key scale <= query scale, -inf elsewhere."""
-        lvl = self.level_ids(device)
-        allowed = lvl[:, None] >= lvl[None, :]
-        return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
+        """(L, L) additive mask: 0 where key scale <= query scale, -inf elsewhere. Shared: do not modify in place."""
+        return _built(self, "block_causal", _device(device), dtype)
+
+    def block_diagonal_bias(self, device=None, dtype=torch.float32) -> torch.Tensor:
+        """(L, L) additive mask: 0 where query and key are in the same scale, -inf elsewhere (M-VAR's attention)."""
+        return _built(self, "block_diagonal", _device(device), dtype)
 
     def check_final(self, latent_hw: Sequence[int], key: str = "scales") -> None:
         if tuple(latent_hw) != self.final:
             raise ValueError(f"{key}: the last scale {self.final} must equal the latent size {tuple(latent_hw)}")
+
+
+def _device(device) -> torch.device:
+    return torch.device("cpu") if device is None else torch.device(device)
+
+
+@functools.lru_cache(maxsize=8)  # bounded: a random schedule per training step would otherwise pile up masks
+def _built(sched: ScaleSchedule, what: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The level ids or a mask of `sched`; built outside inference mode, so a mask first made during validation
+    can still be saved for backward by a later training step."""
+    with torch.inference_mode(False), torch.no_grad():
+        counts = enumerate(sched.token_counts)
+        lvl = torch.cat([torch.full((n,), i, dtype=torch.long, device=device) for i, n in counts])
+        if what == "levels":
+            return lvl
+        allowed = lvl[:, None] >= lvl[None, :] if what == "block_causal" else lvl[:, None] == lvl[None, :]
+        return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
 
 
 def area_down(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

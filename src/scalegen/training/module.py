@@ -16,8 +16,9 @@ import torchvision.utils as vutils
 
 from scalegen.data.latents import batch_latent
 from scalegen.generation.loop import generate, random_labels
+from scalegen.generation.options import GenerateOptions
 from scalegen.scaleout.distributed import configure_generator, generation_context, is_sharded
-from scalegen.schedule.anyscale import using_scales
+from scalegen.schedule.anyscale import for_schedule
 from scalegen.training.optim import DEFAULT_OPTIMIZER, LRSchedule, param_groups
 
 
@@ -34,8 +35,11 @@ class GeneratorModule(L.LightningModule):
         self.make_optimizer = optimizer  # (param groups, lr=peak LR) -> Optimizer, e.g. a partial AdamW
         self.lr_schedule, self.batch_size = lr_schedule, batch_size  # batch_size: per device, for the peak LR
         self.ema_decay, self.cond_drop_rate, self.max_nonfinite = ema_decay, cond_drop_rate, max_nonfinite
-        self.sample_cfg = dict(cfg=1.5, cfg_schedule="linear", per_class=4, seed=0)
-        self.sample_cfg.update(sample or {})
+        sample = dict(sample or {})
+        if "cfg" in sample:  # a checkpoint written before the key became cfg_scale
+            sample.setdefault("cfg_scale", sample.pop("cfg"))
+        self.sample_cfg = dict(cfg_scale=1.5, cfg_schedule="linear", per_class=4, seed=0)
+        self.sample_cfg.update(sample)
         self.config = config  # the resolved run config, stored in every checkpoint so sample.py can rebuild the model
         self.nonfinite_in_row = 0
         self.nonfinite_total = 0
@@ -57,29 +61,32 @@ class GeneratorModule(L.LightningModule):
         configure_generator(self)
 
     @torch.no_grad()
-    def prepare(self, images: torch.Tensor | None, latent: torch.Tensor | None = None):
+    def prepare(self, images: torch.Tensor | None, latent: torch.Tensor | None = None, composition=None):
+        """(per-scale targets, teacher inputs) of a batch under `composition` (None: the run's own)."""
+        composition = self.composition if composition is None else composition
         with torch.autocast(self.device.type, enabled=False):  # the tokenizer stays in fp32, as in the official code
             latent = self.tokenizer.encode(images.float()) if latent is None else latent
-            targets = self.composition.targets(latent.float())
-            inputs = self.composition.teacher_inputs(targets)
+            targets = composition.targets(latent.float())
+            inputs = composition.teacher_inputs(targets)
         return targets, inputs
 
-    def _loss(self, batch, drop_labels: bool):
+    def _loss(self, batch, drop_labels: bool, scales=None):
+        """(loss, per-scale logs) of a batch on `scales` (None: the run's schedule; else FlexVAR's per-step draw)."""
+        composition, scales = for_schedule(scales, self.composition, self.generator.backbone, key="model.train_scales")
         if isinstance(batch, dict):  # cached latents (scalegen.data.latents): no image, no tokenizer.encode
-            labels, targets, inputs = batch["labels"], *self.prepare(None, batch_latent(self.tokenizer, batch))
+            labels = batch["labels"]
+            targets, inputs = self.prepare(None, batch_latent(self.tokenizer, batch), composition)
         else:
             images, labels = batch
-            targets, inputs = self.prepare(images)
+            targets, inputs = self.prepare(images, composition=composition)
         if drop_labels and self.cond_drop_rate > 0:  # classifier-free guidance: some labels become the null class
             drop = torch.rand(labels.shape[0], device=labels.device) < self.cond_drop_rate
             labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
-        hidden, cond = self.generator.backbone(labels, inputs)
-        return self.generator.head.training_loss(hidden, cond, targets, self.composition.scales)
+        return self.generator(labels, inputs, targets, scales)
 
     def training_step(self, batch, batch_idx):
-        with using_scales(self.train_scales() if self.train_scales else None, self.generator.backbone, self.composition,
-                          key="model.train_scales"):
-            loss, per_scale = self._loss(batch, drop_labels=True)
+        scales = self.train_scales() if self.train_scales else None  # FlexVAR: a fresh schedule per step
+        loss, per_scale = self._loss(batch, drop_labels=True, scales=scales)
         # every rank skips together (one rank's NaN must not leave the others waiting in the gradient all-reduce)
         if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
             return self._skip_nonfinite(loss)
@@ -161,16 +168,26 @@ class GeneratorModule(L.LightningModule):
         self.nonfinite_in_row = checkpoint.get("nonfinite_in_row", 0)
 
     # -- generation --------------------------------------------------------------------------------------------------
+    def sampling_options(self, **overrides) -> GenerateOptions:
+        """The run's `sample` defaults with `overrides` on top (None leaves the default), checked for this head."""
+        stored = {k: v for k, v in self.sample_cfg.items() if k not in ("per_class", "seed")}
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return GenerateOptions.of(self.generator.head, {**stored, **given})
+
     @torch.no_grad()
     def generate(self, labels: torch.Tensor | Sequence[int] | None = None, batch: int | None = None, *,
-                 seed: int | None = None, use_ema: bool = True, **options) -> torch.Tensor:
+                 seed: int | None = None, use_ema: bool = True, options: GenerateOptions | None = None,
+                 constrain=None, **overrides) -> torch.Tensor:
         """Images in [0, 1], (B, 3, H, W). labels=None draws `batch` labels uniformly (seeded).
 
-        `options` override the run's `sample` defaults: cfg, cfg_schedule and the head's own (top_k, top_p,
-        more_smooth for the categorical head); None leaves the default.
+        `options` (from `sampling_options`), or `overrides` of the run's `sample` defaults by key: cfg_scale,
+        cfg_schedule, scales, the head's own (top_k, top_p, more_smooth; num_steps, guidance, ...); None leaves the
+        default. `constrain` is the image-to-image hook (scalegen.generation.editing).
         """
-        opts = {k: v for k, v in self.sample_cfg.items() if k not in ("per_class", "seed")}
-        opts.update({k: v for k, v in options.items() if v is not None})
+        if options is None:
+            options = self.sampling_options(**overrides)
+        elif overrides:
+            raise TypeError(f"generate: give `options` or keyword overrides ({sorted(overrides)}), not both")
         seed = self.sample_cfg["seed"] if seed is None else seed
         generator = torch.Generator(device=self.device).manual_seed(seed)
         if labels is None:
@@ -182,7 +199,8 @@ class GeneratorModule(L.LightningModule):
         was_training = model.training
         model.eval()  # no drop path while sampling, whatever mode the caller is in
         try:
-            latent = generate(model.backbone, model.head, self.composition, labels, generator=generator, **opts)
+            latent = generate(model.backbone, model.head, self.composition, labels, options, generator=generator,
+                              constrain=constrain)
         finally:
             model.train(was_training)
         return self.composition.decode(latent).add(1).mul(0.5)
