@@ -35,7 +35,7 @@ pytestmark = [pytest.mark.threads(1),
 def tiny_flowar(token_dim=4, scales=(1, 2, 4), cross=False, drop=0.0, num_classes=10):
     backbone = FlowARTransformer(num_classes, token_dim, scales, width=32, encoder_depth=1, decoder_depth=1, num_heads=2,
                                  attn_drop_rate=drop, proj_drop_rate=drop)
-    head = FlowHead(32, 32, token_dim=token_dim, scales=backbone.scales.sizes, flow_width=64, depth=1, cross=cross,
+    head = FlowHead(32, 32, token_dim=token_dim, flow_width=64, depth=1, cross=cross,
                     num_steps=4)
     return Generator(backbone, head)
 

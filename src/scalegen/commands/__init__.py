@@ -1,0 +1,1 @@
+"""What the entry points run: train.py (train.py at the repository root) and sample.py (sample.py)."""
