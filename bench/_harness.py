@@ -62,11 +62,10 @@ def train_step(experiment: str, batch: int = 2) -> Callable[[], None]:
     L = composition.scales.num_tokens
     labels = torch.randint(0, 1000, (batch,))
     inputs = torch.randn(batch, L - 1, composition.token_dim)
-    targets = torch.randint(0, composition.vocab_size, (batch, L))
+    targets = list(torch.randint(0, composition.vocab_size, (batch, L)).split(composition.scales.token_counts, dim=1))
 
     def step():
-        logits = generator(labels, inputs)
-        loss, _ = generator.head.loss(logits, targets, composition.scales.offsets)
+        loss, _ = generator(labels, inputs, targets, composition.scales)
         loss.backward()
         generator.zero_grad(set_to_none=True)
     return step

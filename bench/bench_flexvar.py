@@ -14,6 +14,7 @@ import torch
 from _harness import Row, build, main, train_step  # bench/ is on sys.path when run as a script
 
 from scalegen.generation.loop import generate
+from scalegen.generation.options import GenerateOptions
 from scalegen.official.flexvar import OFFICIAL_SIDES
 
 STEPS = {10: (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), 13: (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 14, 16)}
@@ -25,9 +26,10 @@ def sample(steps: int):
 
     def run():
         g = torch.Generator().manual_seed(0)
-        codes = generate(generator.backbone, generator.head, composition, torch.tensor([207]), cfg=4.0,
-                         cfg_schedule="constant", cfg_mix="llamagen", top_k=900, top_p=0.95, generator=g,
-                         scales=STEPS[steps], ratio_steps=9, max_side=16, trained_sides=OFFICIAL_SIDES)
+        options = GenerateOptions.of(generator.head, cfg_scale=4.0, cfg_schedule="constant", cfg_mix="llamagen",
+                                     top_k=900, top_p=0.95, scales=STEPS[steps], ratio_steps=9, max_side=16,
+                                     trained_sides=OFFICIAL_SIDES)
+        codes = generate(generator.backbone, generator.head, composition, torch.tensor([207]), options, generator=g)
         composition.decode(codes)
     return run
 

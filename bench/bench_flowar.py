@@ -15,6 +15,7 @@ import torch
 from _harness import Row, build, main  # bench/ is on sys.path when run as a script
 
 from scalegen.generation.loop import generate
+from scalegen.generation.options import GenerateOptions
 
 PRESET = ("flowar_s", "tokenizer_ckpt=/unused")
 
@@ -41,8 +42,8 @@ def sample():
 
     def run():
         g = torch.Generator().manual_seed(0)
-        latent = generate(generator.backbone, generator.head, composition, torch.tensor([207]), cfg=4.3,
-                          cfg_schedule="flowar", generator=g, num_steps=25, guidance=0.9)
+        options = GenerateOptions.of(generator.head, cfg_scale=4.3, cfg_schedule="flowar", num_steps=25, guidance=0.9)
+        latent = generate(generator.backbone, generator.head, composition, torch.tensor([207]), options, generator=g)
         composition.decode(latent)
     return run
 

@@ -12,6 +12,7 @@ import torch
 from _harness import Row, build, main, train_step  # bench/ is on sys.path when run as a script
 
 from scalegen.generation.loop import generate
+from scalegen.generation.options import GenerateOptions
 
 
 def sample(experiment: str = "var_d16"):
@@ -21,8 +22,8 @@ def sample(experiment: str = "var_d16"):
 
     def run():
         g = torch.Generator().manual_seed(0)
-        latent = generate(generator.backbone, generator.head, composition, torch.tensor([207]), cfg=1.5, top_k=900,
-                          top_p=0.96, generator=g)
+        options = GenerateOptions.of(generator.head, cfg_scale=1.5, top_k=900, top_p=0.96)
+        latent = generate(generator.backbone, generator.head, composition, torch.tensor([207]), options, generator=g)
         composition.decode(latent)
     return run
 

@@ -110,6 +110,7 @@ def main() -> int:
         from scalegen.generators import Generator, MambaAdaLNTransformer
         from scalegen.heads import CategoricalHead
         from scalegen.generation.loop import generate
+        from scalegen.generation.options import GenerateOptions
         from scalegen.tokenizers import MultiScaleVQVAE
         vae = MultiScaleVQVAE(vocab_size=64, z_channels=8, ch=32, v_patch_nums=(1, 2, 3, 4)).to(dev).eval()
         tokens = {}
@@ -119,7 +120,8 @@ def main() -> int:
                                        mamba_backend=backend)
             gen = Generator(bb, CategoricalHead(128, 128, 64)).to(dev).eval()
             seen = []
-            generate(gen.backbone, gen.head, ResidualComposition(vae), torch.tensor([3, 7], device=dev), cfg=1.5, top_k=20,
+            options = GenerateOptions.of(gen.head, cfg_scale=1.5, top_k=20)
+            generate(gen.backbone, gen.head, ResidualComposition(vae), torch.tensor([3, 7], device=dev), options,
                      generator=torch.Generator(dev).manual_seed(0), inspect=lambda si, k, t: seen.append(t) if k == "idx" else None)
             tokens[backend] = torch.cat([t.flatten() for t in seen])
         check("tiny M-VAR sampled tokens differing (count)", float((tokens["torch"] != tokens["mamba_ssm"]).sum()), 0.0)

@@ -153,6 +153,30 @@ def finish_split(out: Path, plan: dict[str, Any]) -> bool:
     return True
 
 
+def encode_in_processes(job: dict, shards: list[int], processes: int, report) -> None:
+    """Encode `shards` here (one process) or in `processes` spawned workers, reporting each finished batch."""
+    if processes <= 1:
+        encode_shards(job, shards, report)
+        return
+    ctx = torch.multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    workers = [ctx.Process(target=_worker, args=(r, job, shards[r::processes], queue)) for r in range(processes)]
+    for w in workers:
+        w.start()
+    running = len(workers)
+    while running:  # each worker sends its progress, then None when it is done
+        item = queue.get()
+        if item is None:
+            running -= 1
+        else:
+            report(item)
+    for w in workers:
+        w.join()
+        if w.exitcode:
+            raise SystemExit(f"a caching worker failed (exit code {w.exitcode}); rerun the same command "
+                             "to finish the missing shards")
+
+
 def run(args) -> Path:
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
@@ -191,27 +215,7 @@ def run(args) -> Path:
                 done = progress.tasks[0].completed
                 progress.update(task, rate=f"{done / max(time.perf_counter() - start, 1e-9):.1f}")
 
-            if args.processes <= 1:
-                encode_shards(job, mine, report)
-            else:
-                ctx = torch.multiprocessing.get_context("spawn")
-                queue = ctx.Queue()
-                workers = [ctx.Process(target=_worker, args=(r, job, mine[r::args.processes], queue))
-                           for r in range(args.processes)]
-                for w in workers:
-                    w.start()
-                running = len(workers)
-                while running:
-                    item = queue.get()
-                    if item is None:
-                        running -= 1
-                    else:
-                        report(item)
-                for w in workers:
-                    w.join()
-                    if w.exitcode:
-                        raise SystemExit(f"a caching worker failed (exit code {w.exitcode}); rerun the same command "
-                                         "to finish the missing shards")
+            encode_in_processes(job, mine, args.processes, report)
         seconds = time.perf_counter() - start
         if finish_split(out, plan):
             print(f"[scalegen] {split}: {plan['num_images']} images (x2 with flips) -> {out}  "
