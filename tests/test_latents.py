@@ -10,10 +10,10 @@ from conftest import compose_cfg
 from omegaconf import OmegaConf, open_dict
 
 from scalegen.build import build_module, build_tokenizer
-from scalegen.scaleout.cache_latents import encode, parse_args, run
-from scalegen.io import save_safetensors
 from scalegen.data import DigitsDataModule
-from scalegen.data.latents import LatentsDataModule, LatentShards, latent_from_moments
+from scalegen.data.latents import LatentsDataModule, LatentShards
+from scalegen.io import save_safetensors
+from scalegen.scaleout.cache_latents import encode, parse_args, run
 
 SHARD = 64
 SMALL = "data.val_fraction=0.9"  # ~180 train images: the cache stays a few seconds of work
@@ -91,9 +91,9 @@ def test_kl_tokenizer_caches_moments_and_samples_the_posterior():
     torch.manual_seed(1)
     want = tok.encode(images)  # a posterior sample times the scale factor
     torch.manual_seed(1)
-    got = latent_from_moments(tok, moments)
+    got = tok.latent_from_moments(moments)
     torch.testing.assert_close(got, want)
-    assert not torch.allclose(latent_from_moments(tok, moments), want)  # a fresh sample at every step
+    assert not torch.allclose(tok.latent_from_moments(moments), want)  # a fresh sample at every step
 
 
 def test_datamodule_batches_and_training_from_latents_skip_encode(cache, tmp_path):

@@ -20,6 +20,7 @@ from scalegen.schedule.scales import ScaleSchedule
 class Tokenizer(Protocol):
     discrete: ClassVar[bool]  # code indices (VQ) or continuous latents
     residual: ClassVar[bool]  # VAR's multi-scale residual quantizer: its tokens are tied to its schedule
+    stochastic: ClassVar[bool]  # encodes to a posterior (KL VAE): `posterior(images)`, `latent_from_moments(m)`
     downsample: int  # image pixels per latent position
     latent_channels: int
 

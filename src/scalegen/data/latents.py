@@ -18,7 +18,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from scalegen.data.resume import ResumableData
 from scalegen.io import resolve_path
-from scalegen.tokenizers.kl import Posterior
 
 FORMAT = "scalegen-latents/1"
 
@@ -37,22 +36,10 @@ def read_index(folder: str | Path) -> dict[str, Any]:
     return index
 
 
-def latent_from_moments(tokenizer, moments: torch.Tensor) -> torch.Tensor:
-    """What `tokenizer.encode` gives, from cached posterior moments: the tokenizer's own `latent_from_moments` if it
-    has one; else a posterior sample (or the mean, per `tokenizer.latent`) times its scale factor (the KL VAE)."""
-    if hasattr(tokenizer, "latent_from_moments"):
-        return tokenizer.latent_from_moments(moments)
-
-    posterior = Posterior(moments.float())
-    z = posterior.sample() if getattr(tokenizer, "latent", "sample") == "sample" else posterior.mean
-    scale = tokenizer._scale() if hasattr(tokenizer, "_scale") else getattr(tokenizer, "scale_factor", 1.0) or 1.0
-    return z * scale
-
-
 def batch_latent(tokenizer, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The generator's latent for a batch of this DataModule (what GeneratorModule trains on)."""
     if "moments" in batch:
-        return latent_from_moments(tokenizer, batch["moments"])
+        return tokenizer.latent_from_moments(batch["moments"])
     return batch["latents"].float()
 
 

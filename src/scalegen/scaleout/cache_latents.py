@@ -56,7 +56,7 @@ def source_dataset(data, split: str) -> Dataset:
 @torch.no_grad()
 def encode(tokenizer, images: torch.Tensor) -> tuple[str, torch.Tensor]:
     """('moments', mean|logvar) for a tokenizer with a posterior, else ('latent', tokenizer.encode(images))."""
-    if hasattr(tokenizer, "posterior"):
+    if tokenizer.stochastic:
         return "moments", tokenizer.posterior(images).moments
     return "latent", tokenizer.encode(images)
 
@@ -114,7 +114,7 @@ def plan_split(cfg, split: str, out: Path, args, num_images: int, num_classes: i
     from hydra.utils import get_class
     from omegaconf import OmegaConf
 
-    kind = "moments" if hasattr(get_class(cfg.tokenizer._target_), "posterior") else "latent"
+    kind = "moments" if get_class(cfg.tokenizer._target_).stochastic else "latent"
     data = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items()
             if k not in ("batch_size", "num_workers")}  # loader settings do not change what is cached
     plan = {"format": FORMAT, "kind": kind, "copies": ["image", "hflip"], "split": split, "num_images": num_images,

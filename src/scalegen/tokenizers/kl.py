@@ -115,6 +115,7 @@ class AutoencoderKL(nn.Module):
 
     discrete = False
     residual = False
+    stochastic = True  # encodes to a posterior: cached latents keep its moments and draw a fresh sample each step
 
     def __init__(self, embed_dim: int = 16, ch: int = 128, ch_mult: Sequence[int] = (1, 1, 2, 2, 4),
                  num_res_blocks: int = 2, resolution: int = 256, enc_attn_resolutions: Sequence[int] = (16,),
@@ -147,7 +148,11 @@ class AutoencoderKL(nn.Module):
 
     def encode(self, img: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Image -> the generator's latent (B, embed_dim, H/f, W/f): posterior sample (or mean) x scale_factor."""
-        post = self.posterior(img)
+        return self.latent_from_moments(self.quant_conv(self.encoder(img)), generator)
+
+    def latent_from_moments(self, moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """What `encode` gives, from the posterior's moments (mean | logvar), e.g. cached ones (scalegen.data.latents)."""
+        post = Posterior(moments.float())
         z = post.sample(generator) if self.latent == "sample" else post.mean
         return z * self._scale()
 

@@ -30,7 +30,7 @@ def latent_moments(tokenizer: torch.nn.Module, batches, max_batches: int | None 
     """
     total = total_sq = 0.0
     count = 0
-    kl = hasattr(tokenizer, "posterior")
+    kl = tokenizer.stochastic
     for i, batch in enumerate(batches):
         if max_batches is not None and i >= max_batches:
             break
