@@ -40,9 +40,13 @@ def command(run_dir: Path, tokenizer: Path, script: str = "train.py") -> list[st
             "+data.augment_shift=1"]
 
 
-def step_losses(run_dir: Path) -> dict[int, str]:
+def step_losses(run_dir: Path, attempt: str = "last") -> dict[int, str]:
+    """step -> loss of one attempt of metrics.csv (continuous across resumes): the last, or "all" of them."""
     with open(run_dir / "metrics.csv", newline="") as f:
-        return {int(r["step"]): r["train/loss"] for r in csv.DictReader(f) if r.get("train/loss")}
+        rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
+    if attempt == "last":
+        rows = [r for r in rows if r["attempt"] == max((r["attempt"] for r in rows), key=int)]
+    return {int(r["step"]): r["train/loss"] for r in rows}
 
 
 def ckpt_step(path: Path) -> int:
@@ -98,6 +102,36 @@ def test_kill_during_save_leaves_previous_checkpoint(tmp_path, tokenizer, uninte
     after = step_losses(run_dir)
     assert sorted(after) == list(range(EVERY, STEPS))
     assert after == {s: uninterrupted[s] for s in after}
+    assert not list(ckpts.glob(".*.tmp")), "the next start removes the dead writer's temporary file"
+
+
+def test_sigterm_saves_at_the_next_step_exits_143_and_continues_identically(tmp_path, tokenizer, uninterrupted):
+    """SIGTERM (scancel, preemption): last.ckpt at or after the signal's step, exit 143, how to continue; the same
+    command continues with the uninterrupted losses, and metrics.csv holds every step once across both attempts."""
+    run_dir = tmp_path / "run"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    proc = subprocess.Popen(command(run_dir, tokenizer), cwd=REPO, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline, signalled_at = time.time() + 240, None
+    while time.time() < deadline and proc.poll() is None:
+        if last.exists() and ckpt_step(last) >= EVERY:
+            signalled_at = ckpt_step(last)
+            time.sleep(random.uniform(0, 0.3))
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be signalled"
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 143, out[-3000:]
+    saved = ckpt_step(last)
+    assert signalled_at <= saved < STEPS and f"saved {last} at step {saved}" in out
+    assert "To continue, run the same command" in out and f"hydra.run.dir={run_dir}" in out
+    assert not (run_dir / "run.lock").exists()
+
+    done = subprocess.run(command(run_dir, tokenizer), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert sorted(step_losses(run_dir)) == list(range(saved, STEPS))
+    assert step_losses(run_dir, "all") == uninterrupted  # every step once, the redone ones replaced
 
 
 def test_nonfinite_losses_skip_count_and_stop(tmp_path):

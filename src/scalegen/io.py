@@ -2,6 +2,7 @@
 every key that does not fit."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -15,18 +16,37 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 
 def atomic_write(path: str | os.PathLike, write) -> Path:
-    """Call write(tmp_path) then rename over `path`: a kill mid-save leaves the previous file intact."""
+    """Call write(tmp_path) then rename over `path`: a kill mid-save leaves the previous file intact.
+
+    The temporary file is `.<name>.pid<PID>.<random>.tmp`, so a later start can tell a dead writer's leftover
+    (scalegen.training.runfolder.remove_stale_tmp). A full disk is reported as such, naming the folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.pid{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except (OSError, RuntimeError) as e:
+            if _disk_full(e, path.parent):  # torch.save says only "basic_ios::clear: iostream error"
+                raise OSError(errno.ENOSPC, f"no space left on {path.parent} while writing {path.name} "
+                                            f"({e}); the previous {path.name}, if any, is kept") from e
+            raise
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def _disk_full(error: BaseException, folder: Path) -> bool:
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:  # measured before the partial file is removed: a failed write that left the disk (nearly) full
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 1 << 20
 
 
 def save_safetensors(state: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None) -> Path:

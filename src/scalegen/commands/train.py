@@ -10,10 +10,19 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from scalegen.errors import ConfigError
 from scalegen.io import AtomicCheckpointIO, resolve_path, save_safetensors
 from scalegen.scaleout.slurm import cluster_plugins_and_callbacks
+from scalegen.training.runfolder import (
+    FinalCheckpoint,
+    RunLock,
+    changed_resume_settings,
+    check_writable,
+    is_launching_rank,
+    remove_stale_tmp,
+)
 
 
 def output_dir(cfg: DictConfig) -> Path:
@@ -21,14 +30,36 @@ def output_dir(cfg: DictConfig) -> Path:
         out = Path(HydraConfig.get().runtime.output_dir)
     except ValueError:  # called outside Hydra (tests): use the configured folder
         out = Path(cfg.get("output_dir", "outputs/run"))
-    probe = out / ".write_test"
-    try:  # fail now, not after an hour of training, if checkpoints can't be written
-        out.mkdir(parents=True, exist_ok=True)
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise OSError(f"output folder {out} is not writable: {e}") from None
-    return out
+    return check_writable(out, "output folder")
+
+
+def checkpoint_dir(cfg: DictConfig, out: Path) -> Path | None:
+    """Where the step checkpoints go (callbacks.checkpoint.dirpath; <run folder>/checkpoints outside Hydra)."""
+    node = (cfg.get("callbacks") or {}).get("checkpoint")
+    if node is None:
+        return None
+    try:
+        dirpath = node.get("dirpath")
+    except (ValueError, OmegaConfBaseException):  # ${hydra:...} outside a Hydra run (tests)
+        dirpath = None
+    return Path(dirpath) if dirpath else out / "checkpoints"
+
+
+def check_resume_settings(cfg: DictConfig, last: Path) -> None:
+    """A resume continues the same data order and LR: refuse a change to what sets them, unless asked for."""
+    if not last.is_file():  # a sharded (folder) checkpoint: its config is not read here
+        return
+    old = torch.load(last, map_location="cpu", weights_only=True, mmap=True).get("scalegen_config")
+    changed = changed_resume_settings(old or {}, cfg)
+    if not changed:
+        return
+    what = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changed)
+    if not cfg.get("resume_changes", False):
+        raise ConfigError(
+            f"resuming {last} with changed settings ({what}): they change the data order or the learning rate, "
+            "so the run would not continue as it started. Restore them, set resume_changes=true to continue on "
+            "purpose, or start a new run (another hydra.run.dir, or resume=false)")
+    warnings.warn(f"resume_changes=true: resuming {last} with changed settings ({what})", stacklevel=2)
 
 
 def make_trainer(cfg_trainer: DictConfig, out: Path, cfg: DictConfig, **overrides) -> L.Trainer:
@@ -36,7 +67,8 @@ def make_trainer(cfg_trainer: DictConfig, out: Path, cfg: DictConfig, **override
         overrides["logger"] = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None] or False
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     plugins, more_callbacks = cluster_plugins_and_callbacks()
-    return instantiate(cfg_trainer, default_root_dir=str(out), callbacks=callbacks + more_callbacks,
+    return instantiate(cfg_trainer, default_root_dir=str(out),
+                       callbacks=callbacks + more_callbacks + [FinalCheckpoint()],
                        plugins=[AtomicCheckpointIO(), *plugins], **overrides)
 
 
@@ -67,15 +99,35 @@ def train_tokenizer(cfg: DictConfig, data, out: Path) -> Path:
 def train(cfg: DictConfig) -> None:
     # Model code loads when a run starts, not when this module is imported: it pulls in timm, and timm imports wandb
     # whenever wandb is installed, which the csv-only default must not do.
-    from scalegen.build import build_module, check_generator_config, check_node
-    from scalegen.scaleout.distributed import generation_context, is_sharded, recover
-    from scalegen.tokenizers.latent_stats import resolve_scale_factor
+    from scalegen.build import check_generator_config, check_node
     if cfg.task not in ("generator", "tokenizer"):
         raise ConfigError(f"task: {cfg.task!r} is not one of ['generator', 'tokenizer']")
     check_node(cfg.data, "data")
     if cfg.task == "generator":
         check_generator_config(cfg)  # every key and pairing, before any compute
     out = output_dir(cfg)
+    # one run per folder; DDP ranks and other nodes of this run leave it to the launching process
+    lock = RunLock(out).acquire() if is_launching_rank() else None
+    try:
+        _train(cfg, out)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: DictConfig, out: Path) -> None:
+    from scalegen.build import build_module
+    from scalegen.scaleout.distributed import generation_context, is_sharded, recover
+    from scalegen.tokenizers.latent_stats import resolve_scale_factor
+    ckpt_dir = checkpoint_dir(cfg, out) if cfg.task == "generator" else None
+    if ckpt_dir is not None:
+        check_writable(ckpt_dir, "checkpoint folder")
+    if is_launching_rank():  # the lock is ours: no other writer of these files is alive
+        remove_stale_tmp(out, *([ckpt_dir] if ckpt_dir is not None else []))
+    last = recover((ckpt_dir or out / "checkpoints") / "last.ckpt")  # a kill between the renames of a sharded save
+    resume_from = str(last) if cfg.resume and cfg.task == "generator" and last.exists() else None
+    if resume_from:
+        check_resume_settings(cfg, last)
     # the frozen tokenizer is in eval mode on purpose
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
     L.seed_everything(cfg.seed, workers=True)
@@ -96,13 +148,8 @@ def train(cfg: DictConfig) -> None:
     resolve_scale_factor(cfg, data, tok_ckpt, out)  # tokenizer.scale_factor: null -> 1/std measured on the training data
     module = build_module(cfg, data.num_classes, tok_ckpt)
     trainer = make_trainer(cfg.trainer, out, cfg)
-    last = recover(out / "checkpoints" / "last.ckpt")  # a kill between the renames of a sharded save
-    resume_from = str(last) if cfg.resume and last.exists() else None
     if resume_from:
         print(f"[scalegen] resuming from {resume_from}")
-        metrics = out / "metrics.csv"
-        if metrics.exists():  # Lightning's CSVLogger deletes it when it starts: keep the history of earlier attempts
-            metrics.rename(out / f"metrics.attempt{len(list(out.glob('metrics.attempt*.csv')))}.csv")
     trainer.fit(module, datamodule=data, ckpt_path=resume_from)
     (out / "samples").mkdir(exist_ok=True)  # a run shorter than val_check_interval has not made it yet
     if trainer.is_global_zero or is_sharded(module):  # sharded weights: every rank generates, rank 0 writes

@@ -100,11 +100,17 @@ class ResumableData:
         # batches trained in this epoch (the current one included when saved from on_train_batch_end); the loader
         # itself is ahead by its prefetch, so its own count would skip batches on resume
         done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"epoch": int(trainer.current_epoch), "batches": int(done)}
+        state = {"epoch": int(trainer.current_epoch), "batches": int(done)}
+        if hasattr(self, "skipped"):  # unreadable images dropped so far, all ranks (rank 0 carries the total on)
+            total = torch.tensor(float(self.skipped), device=trainer.strategy.root_device)
+            state["skipped"] = int(trainer.strategy.reduce(total, reduce_op="sum").item())
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state:
             self._resume_at = (int(state["epoch"]), int(state["batches"]))
+            if "skipped" in state and hasattr(self, "skipped"):
+                self.skipped = state["skipped"] if _rank_world()[0] == 0 else 0
             # Lightning looks for state on the loader itself and would warn that this one is not resumable
             warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
 

@@ -179,8 +179,9 @@ def _fmt(metrics: dict) -> str:
 
 class TrainingStats(L.Callback):
     """Training wall time, throughput (images/s in the training steps, evaluation and validation left out) and the
-    number of trained parameters: logged as `perf/*` and written to `<run>/run_stats.json` at the end. Totals carry
-    over a resume (they are in the checkpoint)."""
+    number of trained parameters: logged as `perf/*` and written to `<run>/run_stats.json` at the end, with the
+    count of unreadable images skipped (also logged as `data/skipped_images`). Totals carry over a resume (they are
+    in the checkpoint; the skipped count in the data module's state)."""
 
     def __init__(self, filename: str = "run_stats.json"):
         self.filename = filename
@@ -211,6 +212,19 @@ class TrainingStats(L.Callback):
         # an evaluation inside this batch's hooks (callback order) is not training time
         self.step_s += time.perf_counter() - self._batch_start - (self._eval_seconds(trainer) - self._eval_at_start)
         self.images += extract_batch_size(batch) * trainer.world_size
+        if trainer.global_step % max(trainer.log_every_n_steps, 1) == 0:  # the same step on every rank (a reduce)
+            skipped = self._skipped(trainer)
+            if skipped is not None:
+                pl_module.log("data/skipped_images", float(skipped), on_step=True, on_epoch=False)
+
+    @staticmethod
+    def _skipped(trainer) -> int | None:
+        """Unreadable images dropped by the data module so far, summed over ranks (None: it does not count)."""
+        local = getattr(trainer.datamodule, "skipped", None)
+        if local is None:
+            return None
+        total = torch.tensor(float(local), device=trainer.strategy.root_device)
+        return int(trainer.strategy.reduce(total, reduce_op="sum").item())
 
     def _totals(self) -> dict:
         wall = self.wall_s + (time.perf_counter() - self._fit_start if self._fit_start else 0.0)
@@ -224,6 +238,7 @@ class TrainingStats(L.Callback):
                  "steps": trainer.global_step, **totals,
                  "train_images_per_s": totals["train_images"] / max(totals["train_step_s"], 1e-9),
                  "eval_s": self._eval_seconds(trainer), "world_size": trainer.world_size,
+                 "skipped_images": self._skipped(trainer),
                  "device": str(trainer.strategy.root_device), "precision": str(trainer.precision)}
         if trainer.is_global_zero:
             for logger in trainer.loggers:
