@@ -96,6 +96,7 @@ def check_generator_config(cfg: DictConfig) -> None:
         raise ConfigError(f"model.composition={comp} gives code indices, but head={head_cls.__name__} regresses continuous "
                           "latents: use composition=direct")
     check_sampling(cfg, head_cls)
+    build_guard(cfg)
     residual = issubclass(comp_cls, ResidualComposition)
     if residual and not tok_cls.residual:
         raise ConfigError(f"model.composition={comp} needs a residual multi-scale quantizer; {tok_cls.__name__} has none: "
@@ -143,6 +144,19 @@ def check_schedule_changes(cfg: DictConfig, backbone_cls: type, composition_cls:
             raise ConfigError(f"{key}: this model runs only on the scales it was built with (scales); " + "; ".join(fixed))
 
 
+def build_guard(cfg: DictConfig):
+    """The step guard (`guard`: outlier loss / gradient norm checks), checked key by key; None when `guard: null`."""
+    node = cfg.get("guard")
+    if node is None:
+        return None
+    check_node(node, "guard")
+    try:
+        return instantiate(node, _convert_="all")
+    except Exception as e:  # hydra wraps the constructor's ValueError; keep its message, name the node
+        cause = e.__cause__ if isinstance(e.__cause__, ValueError) else e
+        raise ConfigError(f"guard.{cause}") from None
+
+
 def build_tokenizer(cfg: DictConfig, checkpoint: str | None = None):
     tokenizer = instantiate(cfg.tokenizer, _convert_="all")
     if checkpoint:
@@ -175,7 +189,7 @@ def build_module(cfg: DictConfig, num_classes: int, tokenizer_ckpt: str | None =
         cond_drop_rate=model.cond_drop_rate, sample=OmegaConf.to_container(cfg.sample, resolve=True),
         config=run_config(cfg), max_nonfinite=cfg.get("max_nonfinite", 5),
         train_scales=instantiate(model.train_scales) if model.get("train_scales") is not None else None,
-        activation_checkpointing=cfg.get("activation_checkpointing", False))
+        activation_checkpointing=cfg.get("activation_checkpointing", False), guard=build_guard(cfg))
 
 
 def run_config(cfg: DictConfig) -> dict[str, Any]:
