@@ -107,3 +107,27 @@ def test_guard_off_lets_a_spike_through(tmp_path):
 def test_guard_keys_are_checked(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         check_generator_config(compose_cfg(override))
+
+
+def test_flexvar_scale_columns_stay_empty_for_scales_a_step_did_not_draw(tmp_path):
+    from test_flexvar import tiny_gen, tiny_vae
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from scalegen.schedule.direct_vq import DirectVQComposition
+    from scalegen.training.module import GeneratorModule
+
+    torch.manual_seed(0)
+    vae, gen, drawn = tiny_vae(), tiny_gen(), []
+    schedule = lambda: drawn.append([1, 2, 3, 5, 8] if len(drawn) % 2 else [1, 2, 6]) or drawn[-1]  # noqa: E731
+    module = GeneratorModule(vae, gen, DirectVQComposition(vae, (1, 2, 4, 8)), ema_decay=None, batch_size=4,
+                             train_scales=schedule)
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=CSVLogger(str(tmp_path), name="", version=""),
+                        log_every_n_steps=1, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    images = torch.rand(16, 3, 16, 16) * 2 - 1  # one epoch: Lightning forgets step values between epochs
+    trainer.fit(module, DataLoader(TensorDataset(images, torch.randint(0, 4, (16,))), batch_size=4))
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        rows = {int(r["step"]): r for r in csv.DictReader(f)}
+    assert rows[1]["train_scale/loss_s4"] != ""  # five scales drawn
+    assert rows[2]["train_scale/loss_s2"] != "" and rows[2]["train_scale/loss_s3"] == "" \
+        and rows[2]["train_scale/loss_s4"] == ""  # three scales drawn: s3 and s4 are not this step's
