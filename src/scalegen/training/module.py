@@ -102,12 +102,12 @@ class GeneratorModule(L.LightningModule):
         step (no weight, no Adam state change) and `optimizer_step` leaves the EMA alone."""
         norm = self._clip(optimizer, gradient_clip_val, gradient_clip_algorithm)
         loss, per_scale = self._step_out
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        if scaler is not None:  # fp16: an inf gradient is the scaler's to skip (and to lower its scale), not an error
-            norm = torch.where(torch.isfinite(norm), norm, torch.zeros_like(norm))
+        scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
         finite, calm = self.guard.verdict(loss, norm)
-        # the step's one host sync: every rank decides together (one rank's NaN must not leave the others waiting)
-        self._skipped = not self.trainer.strategy.reduce_boolean_decision(bool(finite & calm), all=True)
+        if scaled:  # fp16: an inf gradient is the scaler's to skip (and lower its scale), not counted as an error
+            calm = calm & torch.isfinite(norm)
+            finite = finite | (torch.isfinite(loss) & ~torch.isfinite(norm))
+        self._skipped = not self._on_every_rank(finite & calm)
         if not self._skipped:
             self.guard.accept(loss, norm)
             self.nonfinite_in_row = 0
@@ -119,24 +119,32 @@ class GeneratorModule(L.LightningModule):
         for group in optimizer.param_groups:  # the optimizer skips a parameter without a gradient
             for p in group["params"]:
                 p.grad = None
-        if not self.trainer.strategy.reduce_boolean_decision(bool(finite), all=True):
+        if not self._on_every_rank(finite):
             self._skip_nonfinite(loss, norm)
+        elif scaled and not self._on_every_rank(torch.isfinite(norm)):
+            pass  # the scaler skips this step itself (found inf while unscaling)
         else:
             self.log("train/outlier_steps", float(self.guard.outliers_total + 1))
             print(f"warning: {self.guard.outlier(loss.item(), norm.item(), self.global_step)}")
+
+    def _on_every_rank(self, flag: torch.Tensor) -> bool:
+        """Whether `flag` holds on every rank: the step's one host sync (the all-reduce stays on the device), so every
+        rank decides together (one rank's NaN must not leave the others waiting in the next collective)."""
+        world = self.trainer.world_size
+        if world > 1:
+            return bool(self.trainer.strategy.reduce(flag.float(), reduce_op="sum") == world)
+        return bool(flag)
 
     def _clip(self, optimizer, clip_val, algorithm) -> torch.Tensor:
         """Lightning's clipping (the same call, so the same floats); returns the global gradient norm before it."""
         strategy = self.trainer.strategy
         if isinstance(strategy, FSDPStrategy):  # FSDP1: only the root module knows the global norm
-            if clip_val and algorithm != "norm":
+            by_norm = bool(clip_val) and (algorithm or "norm") == "norm"
+            if clip_val and not by_norm:
                 self.clip_gradients(optimizer, clip_val, algorithm)
-            return strategy.model.clip_grad_norm_(clip_val if clip_val and algorithm == "norm" else float("inf"))
+            return strategy.model.clip_grad_norm_(clip_val if by_norm else float("inf"))
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        if clip_val and (algorithm or "norm") == "norm":
-            scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-            if scaler is not None:  # as Lightning's MixedPrecision.clip_gradients
-                scaler.unscale_(optimizer)
+        if clip_val and (algorithm or "norm") == "norm":  # fp16: Lightning has unscaled the gradients before this hook
             norm = torch.nn.utils.clip_grad_norm_(params, clip_val)  # Precision.clip_grad_by_norm
         else:
             self.clip_gradients(optimizer, clip_val, algorithm)
