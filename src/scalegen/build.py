@@ -6,8 +6,9 @@ impossible pairing fails at once, naming the key.
 from __future__ import annotations
 
 import inspect
+import typing
 from dataclasses import fields
-from typing import Any, Iterable
+from typing import Any, Iterable, Literal, Union
 
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -58,6 +59,102 @@ HEAD_DERIVED = ("width", "cond_dim", "vocab_size", "token_dim")
 COMPOSITION_DERIVED = ("tokenizer", "scales")
 
 
+# the top-level keys a run reads; `extra` is the free namespace for your own keys (sweep tags, notes), read by nothing
+RUN_KEYS = ("data", "tokenizer", "backbone", "head", "model", "trainer", "logger", "callbacks", "scales", "task", "seed",
+            "tokenizer_ckpt", "resume", "resume_changes", "max_nonfinite", "guard", "activation_checkpointing", "tokenizer_training",
+            "sample", "hydra", "output_dir", "extra")
+MODEL_KEYS = ("name", "cond_drop_rate", "ema_decay", "init", "optimizer", "lr_schedule", "composition", "train_scales")
+TRAINER_DERIVED = ("default_root_dir", "callbacks", "plugins", "logger")
+
+
+def _unknown(node, path: str, allowed: Iterable[str], hint: str = "") -> None:
+    for key in node:
+        if key not in allowed:
+            raise ConfigError(f"{path}{key}: unknown key; allowed: {sorted(allowed)}{hint}")
+
+
+def _integer(value, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def check_run_config(cfg: DictConfig) -> None:
+    """Every node a run consumes is strict (`+key` additions included) and its numbers are in range, before any
+    compute: the top level, model, trainer (keys and types), data.batch_size, tokenizer_training, logger and callbacks
+    (the data node's keys: train.py checks them, as `data` may be swapped for a dataset-less check)."""
+    _unknown(cfg, "", RUN_KEYS, "; put your own keys under `extra:`")
+    _unknown(cfg.model, "model.", MODEL_KEYS)
+    if cfg.model.get("init"):
+        _unknown(cfg.model.init, "model.init.", list(inspect.signature(init_var_weights).parameters)[1:])
+    rate = cfg.model.get("cond_drop_rate")
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
+        raise ConfigError(f"model.cond_drop_rate: {rate!r} is not a probability in [0, 1] (the share of labels "
+                          "replaced by the null class)")
+    decay = cfg.model.get("ema_decay")
+    if decay is not None and (isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0):
+        raise ConfigError(f"model.ema_decay: {decay!r} must be in [0, 1) (e.g. 0.9999), or null (0 too) for no EMA")
+    if "batch_size" in cfg.data and not _integer(cfg.data.batch_size, 1):
+        raise ConfigError(f"data.batch_size: {cfg.data.batch_size!r} must be an integer >= 1 (images per device)")
+    if not _integer(cfg.get("max_nonfinite", 5), 1):
+        raise ConfigError(f"max_nonfinite: {cfg.max_nonfinite!r} must be an integer >= 1")
+    check_trainer(cfg.trainer)
+    if cfg.get("tokenizer_training") is not None:
+        module = get_class("scalegen.tokenizers.train.TokenizerModule")
+        _unknown(cfg.tokenizer_training, "tokenizer_training.",
+                 ["max_steps", *list(inspect.signature(module).parameters)[1:]])
+    for group in ("logger", "callbacks"):
+        for name, node in (cfg.get(group) or {}).items():
+            if node is not None:
+                check_node(node, f"{group}.{name}")
+
+
+def check_trainer(node: DictConfig) -> None:
+    """trainer: the keys of lightning.Trainer, each of the type its signature declares (`max_steps=abc` fails
+    here, not inside the Trainer after the data and model are built)."""
+    cls = check_node(node, "trainer", TRAINER_DERIVED, group="trainer",
+                     derived_from="the run (run folder, callbacks and logger groups, cluster plugins)")
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # an annotation that does not resolve: the keys are still checked
+        return
+    for key in node:
+        if key.startswith("_") or key not in hints or OmegaConf.is_missing(node, key):
+            continue
+        value = node[key]
+        if not _fits(value, hints[key]):
+            raise ConfigError(f"trainer.{key}: {value!r} is not of type {_type_name(hints[key])}")
+
+
+def _fits(value, hint) -> bool:
+    """Whether a config value can be of type `hint`; a type it cannot judge (a class, a callable) passes."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is type(None):
+        return value is None
+    if origin is Union:
+        return any(_fits(value, a) for a in args)
+    if origin is Literal:
+        return value in args
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple, typing.Sequence, Iterable) or hint in (list, tuple):
+        return isinstance(value, (list, tuple)) or OmegaConf.is_list(value)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict) or OmegaConf.is_dict(value)
+    return True
+
+
+def _type_name(hint) -> str:
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (Union, Literal):
+        return " or ".join(_type_name(a) if typing.get_origin(hint) is Union else repr(a) for a in args)
+    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
 def composition_name(cls: type) -> str:
     """The `composition=` choice of a composition class: configs/composition/<name>.yaml builds scalegen.schedule.<name>."""
     return cls.__module__.rsplit(".", 1)[-1]
@@ -73,7 +170,8 @@ def check_optimizer(model: DictConfig) -> None:
 
 
 def check_generator_config(cfg: DictConfig) -> None:
-    """Everything that can be known wrong before building: keys, pairings, scale list vs latent size."""
+    """Everything that can be known wrong before building: keys, ranges, pairings, scale list vs latent size."""
+    check_run_config(cfg)
     tok_cls = check_node(cfg.tokenizer, "tokenizer", group="tokenizer")
     backbone_cls = check_node(cfg.backbone, "backbone", BACKBONE_DERIVED, group="backbone")
     head_cls = check_node(cfg.head, "head", HEAD_DERIVED, group="head")
@@ -96,6 +194,7 @@ def check_generator_config(cfg: DictConfig) -> None:
         raise ConfigError(f"model.composition={comp} gives code indices, but head={head_cls.__name__} regresses continuous "
                           "latents: use composition=direct")
     check_sampling(cfg, head_cls)
+    build_guard(cfg)
     residual = issubclass(comp_cls, ResidualComposition)
     if residual and not tok_cls.residual:
         raise ConfigError(f"model.composition={comp} needs a residual multi-scale quantizer; {tok_cls.__name__} has none: "
@@ -122,9 +221,18 @@ def check_sampling(cfg: DictConfig, head_cls: type) -> None:
     the typed options they become, so an unknown key or a value that cannot work fails now, naming it."""
     own = [f.name for f in fields(head_cls.options_type)]
     head_cls.options_type.checked({k: cfg.head[k] for k in own if cfg.head.get(k) is not None}, "head.")
-    sample = {k: v for k, v in (cfg.get("sample") or {}).items() if k not in RUN_SAMPLE_KEYS}
+    run_sample = cfg.get("sample") or {}
+    per_class, seed = run_sample.get("per_class", 1), run_sample.get("seed", 0)
+    if not (isinstance(per_class, int) and not isinstance(per_class, bool) and per_class >= 1):
+        raise ConfigError(f"sample.per_class: {per_class!r} must be an integer >= 1 (images per class in the grids)")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"sample.seed: {seed!r} must be an integer")
+    sample = {k: v for k, v in run_sample.items() if k not in RUN_SAMPLE_KEYS}
+    vocab = cfg.tokenizer.get("vocab_size") if head_cls.needs_discrete else None
     try:
-        GenerateOptions.of(head_cls, sample)
+        GenerateOptions.of(head_cls, sample, vocab_size=vocab if isinstance(vocab, int) else None)
+    except ConfigError as e:
+        raise ConfigError(f"sample.{e}") from None
     except (TypeError, ValueError) as e:
         raise ConfigError(f"sample.{e}") from None
 
@@ -136,11 +244,27 @@ def check_schedule_changes(cfg: DictConfig, backbone_cls: type, composition_cls:
     if train_scales is not None:
         check_node(train_scales, "model.train_scales")
     sample_scales = (cfg.get("sample") or {}).get("scales")
-    changes = sample_scales is not None and ScaleSchedule.of(sample_scales) != ScaleSchedule.of(cfg.scales)
+    try:
+        changes = sample_scales is not None and ScaleSchedule.of(sample_scales) != ScaleSchedule.of(cfg.scales)
+    except (TypeError, ValueError, IndexError) as e:
+        raise ConfigError(f"sample.scales: {e} (a list of sides, e.g. [1, 2, 4], or of [h, w] pairs, each >= 1)") from None
     for key, asked in (("model.train_scales", train_scales is not None), ("sample.scales", changes)):
         fixed = fixed_parts(backbone_cls, composition_cls) if asked else []
         if fixed:
             raise ConfigError(f"{key}: this model runs only on the scales it was built with (scales); " + "; ".join(fixed))
+
+
+def build_guard(cfg: DictConfig):
+    """The step guard (`guard`: outlier loss / gradient norm checks), checked key by key; None when `guard: null`."""
+    node = cfg.get("guard")
+    if node is None:
+        return None
+    check_node(node, "guard")
+    try:
+        return instantiate(node, _convert_="all")
+    except Exception as e:  # hydra wraps the constructor's ValueError; keep its message, name the node
+        cause = e.__cause__ if isinstance(e.__cause__, ValueError) else e
+        raise ConfigError(f"guard.{cause}") from None
 
 
 def build_tokenizer(cfg: DictConfig, checkpoint: str | None = None):
@@ -175,7 +299,7 @@ def build_module(cfg: DictConfig, num_classes: int, tokenizer_ckpt: str | None =
         cond_drop_rate=model.cond_drop_rate, sample=OmegaConf.to_container(cfg.sample, resolve=True),
         config=run_config(cfg), max_nonfinite=cfg.get("max_nonfinite", 5),
         train_scales=instantiate(model.train_scales) if model.get("train_scales") is not None else None,
-        activation_checkpointing=cfg.get("activation_checkpointing", False))
+        activation_checkpointing=cfg.get("activation_checkpointing", False), guard=build_guard(cfg))
 
 
 def run_config(cfg: DictConfig) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 from scalegen.build import build_generator, build_tokenizer
 from scalegen.io import load_lightning_checkpoint, load_strict
 from scalegen.official import load_pretrained
+from scalegen.official.registry import UNREADABLE, not_a_checkpoint, recognise
 from scalegen.training.module import GeneratorModule
 
 
@@ -23,8 +24,8 @@ def load_generator(path: str, vae_path: str | None = None, device: str | torch.d
     """
     if not Path(path).exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    if str(path).endswith(".ckpt"):
-        ckpt = load_lightning_checkpoint(path)
+    ckpt = _training_checkpoint(path) if str(path).endswith(".ckpt") else None
+    if ckpt is not None:
         cfg = OmegaConf.create(ckpt["scalegen_config"])
         state = ckpt["state_dict"]
         num_classes = state["generator.backbone.class_emb.weight"].shape[0] - 1
@@ -38,3 +39,18 @@ def load_generator(path: str, vae_path: str | None = None, device: str | torch.d
         module = GeneratorModule(release.tokenizer, release.generator, release.composition, ema_decay=None,
                                  sample=release.sample)
     return module.to(device).eval()
+
+
+def _training_checkpoint(path) -> dict | None:
+    """A scalegen training checkpoint; None for an official release saved as .ckpt (MAR's kl16.ckpt), which
+    `load_pretrained` then names (a tokenizer release is refused there: pass it as vae_ckpt)."""
+    try:
+        return load_lightning_checkpoint(path)
+    except UNREADABLE as e:
+        raise ValueError(not_a_checkpoint(path, e)) from None
+    except ValueError as e:  # readable, but holds no run config
+        try:
+            recognise(path)
+        except ValueError:
+            raise e from None
+        return None

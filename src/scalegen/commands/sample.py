@@ -19,6 +19,7 @@ import torchvision.utils as vutils
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
+from scalegen.errors import ConfigError
 from scalegen.eval.metrics import to_uint8 as to_uint8_nchw
 from scalegen.generation.chunks import chunks, generate_chunk, shard_from_env
 from scalegen.generation.editing import edit_options
@@ -55,6 +56,23 @@ def sampling_labels(cfg: DictConfig, num_classes: int) -> list[int]:
 def sampling_options(cfg: DictConfig) -> dict:
     """The sampling keys the config sets (GenerateOptions' fields and every head's; null: the checkpoint's default)."""
     return {k: cfg[k] for k in GenerateOptions.keys() if cfg.get(k) is not None}
+
+
+def check_sample_config(cfg: DictConfig) -> None:
+    """The counts and every sampling option's range, before the checkpoint is read (the keys this model's head
+    takes, and top-k against its vocabulary, are checked once it is loaded)."""
+    for key, low in (("per_class", 1), ("batch_size", 1)):
+        value = cfg.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            raise ConfigError(f"{key}: {value!r} must be an integer >= {low}")
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
+        raise ConfigError(f"seed: {cfg.seed!r} must be an integer")
+    if not isinstance(cfg.use_ema, bool):
+        raise ConfigError(f"use_ema: {cfg.use_ema!r} must be true or false")
+    try:
+        GenerateOptions.check_any_head(sampling_options(cfg))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e)) from None
 
 
 def pick_device(device: str) -> str:
@@ -114,6 +132,7 @@ def sample_to_folder(cfg: DictConfig) -> Path:
     if num_shards > 1 and OmegaConf.is_interpolation(cfg, "out_dir"):
         raise ValueError("several processes share one folder: give out_dir=... (the default folder is named by "
                          "each process's own start time)")
+    check_sample_config(cfg)
     module = load_generator(resolve_path(cfg.ckpt), resolve_path(cfg.vae_ckpt), pick_device(cfg.device))
     labels = sampling_labels(cfg, module.num_classes)
     opts = sampling_options(cfg)

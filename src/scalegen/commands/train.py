@@ -99,12 +99,14 @@ def train_tokenizer(cfg: DictConfig, data, out: Path) -> Path:
 def train(cfg: DictConfig) -> None:
     # Model code loads when a run starts, not when this module is imported: it pulls in timm, and timm imports wandb
     # whenever wandb is installed, which the csv-only default must not do.
-    from scalegen.build import check_generator_config, check_node
+    from scalegen.build import check_generator_config, check_node, check_run_config
     if cfg.task not in ("generator", "tokenizer"):
         raise ConfigError(f"task: {cfg.task!r} is not one of ['generator', 'tokenizer']")
     check_node(cfg.data, "data")
     if cfg.task == "generator":
         check_generator_config(cfg)  # every key and pairing, before any compute
+    else:
+        check_run_config(cfg)  # a tokenizer run reads the same top level, trainer and tokenizer_training
     out = output_dir(cfg)
     # one run per folder; DDP ranks and other nodes of this run leave it to the launching process
     lock = RunLock(out).acquire() if is_launching_rank() else None

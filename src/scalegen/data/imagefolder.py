@@ -38,6 +38,17 @@ def center_crop_arr(image: Image.Image, image_size: int) -> Image.Image:
     return image.crop((left, top, left + image_size, top + image_size))
 
 
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit greyscale PNGs open as I;16 (or I on older Pillow)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB; 16-bit samples are scaled (v * 255 / 65535), where PIL's own convert clips them at 255."""
+    if image.mode in WIDE_MODES:
+        wide = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(np.rint(wide * (255 / 65535)), 0, 255).astype(np.uint8))
+    return image.convert("RGB")
+
+
 @dataclass(frozen=True)
 class Unreadable:
     """What the dataset returns in place of a sample whose file could not be decoded."""
@@ -59,7 +70,7 @@ class ImageFiles(Dataset):
         path, label = self.samples[int(i)]
         try:
             with Image.open(path) as image:
-                image = image.convert("RGB")  # forces the full decode inside the try
+                image = to_rgb(image)  # forces the full decode inside the try
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
             # OSError covers UnidentifiedImageError and "image file is truncated"
             return Unreadable(path, f"{type(error).__name__}: {error}")

@@ -25,6 +25,19 @@ class CategoricalOptions(HeadOptions):
     top_p: float = 0.0  # 0: off
     more_smooth: bool = False  # Gumbel-soft codes: VAR's visualisation trick, never for FID
 
+    def __post_init__(self):
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k!r}: needs an integer >= 0 (0: off)")
+        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0.0 <= self.top_p <= 1.0:
+            raise ValueError(f"top_p={self.top_p!r}: needs a number in [0, 1] (0: off)")
+        if not isinstance(self.more_smooth, bool):
+            raise ValueError(f"more_smooth={self.more_smooth!r}: needs true or false")
+
+    def check_vocabulary(self, vocab_size: int) -> None:
+        if self.top_k > vocab_size:
+            raise ValueError(f"top_k={self.top_k}: above the vocabulary of {vocab_size} codes; use at most {vocab_size} "
+                             "(or 0: off)")
+
 
 class CategoricalHead(nn.Module):
     needs_discrete = True  # predicts code indices: pairs only with a VQ tokenizer

@@ -8,6 +8,8 @@ registers its `Release`; `scalegen.official` imports them all, so RELEASES is co
 from __future__ import annotations
 
 import json
+import pickle
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
@@ -79,8 +81,21 @@ def recognise_state(state: Mapping[str, torch.Tensor], kinds: Sequence[str] | No
     return found[0] if found else None
 
 
+# what torch.load raises on a file that is no checkpoint at all (a text file: KeyError 101, the byte 'e')
+UNREADABLE = (KeyError, EOFError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, UnicodeDecodeError)
+
+
+def not_a_checkpoint(path, error: Exception) -> str:
+    reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else ""
+    return (f"{path}: this file is not a checkpoint (torch cannot read it: {type(error).__name__}: {reason}); give a "
+            "scalegen training checkpoint (.ckpt), an official release (.pth) or its conversion (.safetensors)")
+
+
 def _read(path: str) -> dict:
-    return read_checkpoint(path, mmap=True)
+    try:
+        return read_checkpoint(path, mmap=True)
+    except UNREADABLE as e:
+        raise ValueError(not_a_checkpoint(path, e)) from None
 
 
 def recognise(path) -> str:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from scalegen.scaleout.dcp_metadata import check_sharded_folder
+
 META = "meta.pt"
 
 
@@ -25,6 +27,7 @@ def consolidate(folder: str | os.PathLike, out: str | os.PathLike, keep_optimize
     if not (folder / ".metadata").is_file():
         raise FileNotFoundError(f"{folder} is not a sharded checkpoint folder (no .metadata); a single-file "
                                 "checkpoint needs no consolidation")
+    check_sharded_folder(folder)  # torch unpickles `.metadata` with plain pickle: vet it first
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         full = Path(tmp) / "full.pt"

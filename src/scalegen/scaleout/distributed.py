@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
+from scalegen.scaleout.dcp_metadata import check_sharded_folder
+
 # the methods through which the module and `sampling.generate` call a backbone and a head (see TEAM seams)
 FORWARD_METHODS = {"backbone": ("start", "embed_scale", "step"), "head": ("training_loss", "sample")}
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
@@ -150,6 +152,10 @@ class FSDP2Strategy(ModelParallelStrategy):
 
         return MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=self.reduce_dtype)
 
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
+        check_sharded_folder(checkpoint_path)  # torch unpickles a sharded folder's `.metadata` with plain pickle
+        return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
         if not self._save_distributed_checkpoint:
             return super().save_checkpoint(checkpoint, filepath, storage_options)
@@ -206,6 +212,10 @@ class FSDP1Strategy(FSDPStrategy):
         classes = {get_class(name) for name in block_classes}
         kwargs.setdefault("use_orig_params", True)
         super().__init__(auto_wrap_policy=classes, **kwargs)
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
+        check_sharded_folder(checkpoint_path)  # torch unpickles a sharded folder's `.metadata` with plain pickle
+        return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
 
     def setup(self, trainer) -> None:
         if getattr(trainer.lightning_module, "ema", None) is not None:

@@ -13,12 +13,15 @@ from typing import Any, Callable, Sequence
 import lightning as L
 import torch
 import torchvision.utils as vutils
+from lightning.pytorch.strategies import FSDPStrategy
+from torch.distributed.tensor import DTensor
 
 from scalegen.data.latents import batch_latent
 from scalegen.generation.loop import generate, random_labels
 from scalegen.generation.options import GenerateOptions
 from scalegen.scaleout.distributed import configure_generator, generation_context, is_sharded
 from scalegen.schedule.anyscale import for_schedule
+from scalegen.training.guard import StepGuard
 from scalegen.training.optim import DEFAULT_OPTIMIZER, LRSchedule, param_groups
 
 
@@ -27,7 +30,8 @@ class GeneratorModule(L.LightningModule):
                  optimizer: Callable[..., torch.optim.Optimizer] = DEFAULT_OPTIMIZER,
                  lr_schedule: LRSchedule = LRSchedule(), batch_size: int = 256, ema_decay: float | None = 0.9999,
                  cond_drop_rate: float = 0.1, max_nonfinite: int = 5, sample: dict | None = None,
-                 config: dict | None = None, activation_checkpointing: bool = False, train_scales=None):
+                 config: dict | None = None, activation_checkpointing: bool = False, train_scales=None,
+                 guard: StepGuard | None = None):
         super().__init__()
         self.tokenizer = tokenizer.eval().requires_grad_(False)
         self.generator, self.composition = generator, composition
@@ -43,6 +47,8 @@ class GeneratorModule(L.LightningModule):
         self.config = config  # the resolved run config, stored in every checkpoint so sample.py can rebuild the model
         self.nonfinite_in_row = 0
         self.nonfinite_total = 0
+        self.guard = guard if guard is not None else StepGuard(window=0)  # None: non-finite checks only
+        self._step_out, self._skipped = None, False  # this step's (loss, per-scale logs); whether its update was dropped
         self.activation_checkpointing = activation_checkpointing  # applied in configure_model (scalegen.scaleout.distributed)
         self.train_scales = train_scales  # None, or a callable giving each training step's schedule (FlexVAR's)
 
@@ -87,24 +93,74 @@ class GeneratorModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         scales = self.train_scales() if self.train_scales else None  # FlexVAR: a fresh schedule per step
         loss, per_scale = self._loss(batch, drop_labels=True, scales=scales)
-        # every rank skips together (one rank's NaN must not leave the others waiting in the gradient all-reduce)
-        if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
-            return self._skip_nonfinite(loss)
-        self.nonfinite_in_row = 0
-        self.log("train/loss", loss, prog_bar=True)
-        self._log_scales("train", per_scale)
-        self.log("lr", self.optimizers().param_groups[0]["lr"])
+        self._step_out = (loss.detach(), per_scale)  # judged with the gradient norm in configure_gradient_clipping
         return loss
 
-    def _skip_nonfinite(self, loss):
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """Clip as Lightning would, then judge the step on its loss and the global gradient norm clipping computed:
+        a non-finite one or an outlier against the guard's window drops every gradient, so the optimizer takes no
+        step (no weight, no Adam state change) and `optimizer_step` leaves the EMA alone."""
+        norm = self._clip(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        loss, per_scale = self._step_out
+        scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
+        finite, calm = self.guard.verdict(loss, norm)
+        if scaled:  # fp16: an inf gradient is the scaler's to skip (and lower its scale), not counted as an error
+            calm = calm & torch.isfinite(norm)
+            finite = finite | (torch.isfinite(loss) & ~torch.isfinite(norm))
+        self._skipped = not self._on_every_rank(finite & calm)
+        if not self._skipped:
+            self.guard.accept(loss, norm)
+            self.nonfinite_in_row = 0
+            self.log("train/loss", loss, prog_bar=True)
+            self.log("train/grad_norm", norm)
+            self._log_scales("train", per_scale)
+            self.log("lr", optimizer.param_groups[0]["lr"])
+            return
+        for group in optimizer.param_groups:  # the optimizer skips a parameter without a gradient
+            for p in group["params"]:
+                p.grad = None
+        if not self._on_every_rank(finite):
+            self._skip_nonfinite(loss, norm)
+        elif scaled and not self._on_every_rank(torch.isfinite(norm)):
+            pass  # the scaler skips this step itself (found inf while unscaling)
+        else:
+            self.log("train/outlier_steps", float(self.guard.outliers_total + 1))
+            print(f"warning: {self.guard.outlier(loss.item(), norm.item(), self.global_step)}")
+
+    def _on_every_rank(self, flag: torch.Tensor) -> bool:
+        """Whether `flag` holds on every rank: the step's one host sync (the all-reduce stays on the device), so every
+        rank decides together (one rank's NaN must not leave the others waiting in the next collective)."""
+        world = self.trainer.world_size
+        if world > 1:
+            return bool(self.trainer.strategy.reduce(flag.float(), reduce_op="sum") == world)
+        return bool(flag)
+
+    def _clip(self, optimizer, clip_val, algorithm) -> torch.Tensor:
+        """Lightning's clipping (the same call, so the same floats); returns the global gradient norm before it."""
+        strategy = self.trainer.strategy
+        if isinstance(strategy, FSDPStrategy):  # FSDP1: only the root module knows the global norm
+            by_norm = bool(clip_val) and (algorithm or "norm") == "norm"
+            if clip_val and not by_norm:
+                self.clip_gradients(optimizer, clip_val, algorithm)
+            return strategy.model.clip_grad_norm_(clip_val if by_norm else float("inf"))
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if clip_val and (algorithm or "norm") == "norm":  # fp16: Lightning has unscaled the gradients before this hook
+            norm = torch.nn.utils.clip_grad_norm_(params, clip_val)  # Precision.clip_grad_by_norm
+        else:
+            self.clip_gradients(optimizer, clip_val, algorithm)
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+    def _skip_nonfinite(self, loss, norm):
         self.nonfinite_in_row += 1
         self.nonfinite_total += 1
         self.log("train/nonfinite_steps", float(self.nonfinite_total))
-        msg = f"non-finite loss ({loss.item()}) at step {self.global_step}: step skipped ({self.nonfinite_in_row} in a row)"
+        what = (f"non-finite loss ({loss.item()})" if not torch.isfinite(loss) else
+                f"non-finite gradient norm ({norm.item()}, loss {loss.item():.4g})")
+        msg = f"{what} at step {self.global_step}: step skipped ({self.nonfinite_in_row} in a row)"
         if self.nonfinite_in_row >= self.max_nonfinite:
             raise FloatingPointError(f"{msg}; stopping after {self.max_nonfinite} in a row (lower the LR or use fp32)")
         print(f"warning: {msg}")
-        return None  # Lightning skips the optimizer step
 
     def validation_step(self, batch, batch_idx):
         loss, per_scale = self._loss(batch, drop_labels=False)
@@ -145,10 +201,13 @@ class GeneratorModule(L.LightningModule):
 
     def on_train_batch_start(self, batch, batch_idx):
         self.lr_schedule.apply(self.optimizers(), self.global_step, self._total_steps(), self.peak_lr)
+        forget_step_values(self.trainer)
+
 
     def optimizer_step(self, *args, **kwargs):
-        super().optimizer_step(*args, **kwargs)
-        self._update_ema(self.global_step + 1)  # here, not in on_train_batch_end: the step's checkpoint holds it
+        super().optimizer_step(*args, **kwargs)  # the closure runs in it: training_step, backward, the guard's verdict
+        if not self._skipped:  # a skipped step moves nothing, the EMA included
+            self._update_ema(self.global_step + 1)  # here, not in on_train_batch_end: the step's checkpoint holds it
 
     def _update_ema(self, step: int) -> None:
         if self.ema is None:
@@ -162,10 +221,12 @@ class GeneratorModule(L.LightningModule):
         checkpoint["scalegen_config"] = self.config
         checkpoint["nonfinite_total"] = self.nonfinite_total
         checkpoint["nonfinite_in_row"] = self.nonfinite_in_row
+        checkpoint["step_guard"] = self.guard.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.nonfinite_total = checkpoint.get("nonfinite_total", 0)
         self.nonfinite_in_row = checkpoint.get("nonfinite_in_row", 0)
+        self.guard.load_state_dict(checkpoint.get("step_guard", {}))
 
     # -- generation --------------------------------------------------------------------------------------------------
     def sampling_options(self, **overrides) -> GenerateOptions:
@@ -214,3 +275,12 @@ class GeneratorModule(L.LightningModule):
         if path is not None:
             vutils.save_image(images, path, nrow=n, padding=1, pad_value=1.0)
         return path
+
+
+def forget_step_values(trainer) -> None:
+    """Lightning writes every step-only value it ever got into each later row; mark them stale so that a row holds
+    only this step's (a skipped step's loss and LR, a scale missing from FlexVAR's schedule: empty, not repeated)."""
+    results = trainer._results  # Lightning's private result collection: no public way to drop a step value
+    for metric in (results.values() if results is not None else ()):
+        if metric.meta.on_step and not metric.meta.on_epoch:
+            metric.has_reset = True
