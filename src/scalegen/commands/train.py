@@ -15,6 +15,7 @@ from omegaconf.errors import OmegaConfBaseException
 from scalegen.errors import ConfigError
 from scalegen.io import AtomicCheckpointIO, resolve_path, save_safetensors
 from scalegen.scaleout.slurm import cluster_plugins_and_callbacks
+from scalegen.training.init_from import init_generator, init_tokenizer, tokenizer_source
 from scalegen.training.runfolder import (
     FinalCheckpoint,
     RunLock,
@@ -83,7 +84,10 @@ def train_tokenizer(cfg: DictConfig, data, out: Path) -> Path:
         return target
     opts = OmegaConf.to_container(cfg.tokenizer_training, resolve=True)
     steps = opts.pop("max_steps")
-    module = TokenizerModule(build_tokenizer(cfg), **opts)
+    tokenizer = build_tokenizer(cfg)
+    if cfg.task == "tokenizer" and cfg.get("init_from"):
+        init_tokenizer(tokenizer, str(resolve_path(cfg.init_from)))
+    module = TokenizerModule(tokenizer, **opts)
     tok_out = out / "tokenizer"
     # its own CSV log and no step checkpoints: the stage is short and its product is the weights file
     stage_cfg = OmegaConf.merge(cfg, {"callbacks": {"checkpoint": None}})
@@ -140,6 +144,9 @@ def _train(cfg: DictConfig, out: Path) -> None:
     tok_ckpt = resolve_path(cfg.tokenizer_ckpt)
     if hasattr(data, "tokenizer_for_run"):  # cached latents: the tokenizer (config and weights) they were made with
         tok_ckpt = data.tokenizer_for_run(OmegaConf.to_container(cfg.tokenizer, resolve=True), tok_ckpt)
+    init_from = resolve_path(cfg.get("init_from"))
+    if cfg.task == "generator" and tok_ckpt is None and init_from and not resume_from:
+        tok_ckpt = tokenizer_source(str(init_from))
     if cfg.task == "tokenizer" or tok_ckpt is None:
         tok_ckpt = str(train_tokenizer(cfg, data, out))
     if cfg.task == "tokenizer":
@@ -147,6 +154,8 @@ def _train(cfg: DictConfig, out: Path) -> None:
 
     resolve_scale_factor(cfg, data, tok_ckpt, out)  # tokenizer.scale_factor: null -> 1/std measured on the training data
     module = build_module(cfg, data.num_classes, tok_ckpt)
+    if init_from and not resume_from:  # a resumed run continues from its own checkpoint
+        init_generator(module, str(init_from))
     trainer = make_trainer(cfg.trainer, out, cfg)
     if resume_from:
         print(f"[scalegen] resuming from {resume_from}")
