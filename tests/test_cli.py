@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
 
 from scalegen.commands import cli
 
@@ -33,9 +35,17 @@ def test_configs_are_found_from_the_package():
     assert cli.CONFIGS == REPO / "configs"
 
 
+@pytest.fixture
+def fresh_hydra():
+    """An in-process Hydra main leaves its config as the process's HydraConfig: clear it for the tests after."""
+    yield
+    HydraConfig.instance().cfg = None
+    GlobalHydra.instance().clear()
+
+
 @pytest.mark.parametrize("main,groups", [(cli.train_main, ["model:", "experiment:", "data:", "tokenizer:"]),
                                          (cli.sample_main, ["Configuration groups"])])
-def test_hydra_help_lists_the_config_groups(main, groups, monkeypatch, capsys, tmp_path):
+def test_hydra_help_lists_the_config_groups(main, groups, monkeypatch, capsys, tmp_path, fresh_hydra):
     monkeypatch.chdir(tmp_path)  # the configs come from the package, not the working directory
     monkeypatch.setattr(sys, "argv", ["scalegen", "--help"])
     try:

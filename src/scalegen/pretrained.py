@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 from scalegen.build import build_generator, build_tokenizer
 from scalegen.io import load_lightning_checkpoint, load_strict
 from scalegen.official import load_pretrained
+from scalegen.official.hub import resolve
 from scalegen.training.module import GeneratorModule
 
 
@@ -19,8 +20,10 @@ def load_generator(path: str, vae_path: str | None = None, device: str | torch.d
     release or its conversion (`scalegen.official.convert`), recognised by its keys or metadata: VAR's `var_d16.pth`,
     M-VAR's `d16.pth`, FlexVAR's `FlexVARd16-epo179.pth`, FlowAR's `FlowAR-L.pth`. Then `vae_path` names the
     tokenizer release it pairs with (`vae_ch160v4096z32.pth`, `FlexVAE.pth`, `kl16.ckpt`), and the module samples
-    with the release's official defaults.
+    with the release's official defaults. Either may be `hf://<owner>/<repo>/<file>` or a release name
+    (`var_d16`, `vae_var`; `scalegen.official.hub.HUB_FILES`).
     """
+    path, vae_path = resolve(path, "ckpt"), resolve(vae_path, "vae_ckpt")  # Hub ids and release names (official.hub)
     if not Path(path).exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if str(path).endswith(".ckpt"):

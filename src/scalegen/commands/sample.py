@@ -24,6 +24,7 @@ from scalegen.generation.chunks import chunks, generate_chunk, shard_from_env
 from scalegen.generation.editing import edit_options
 from scalegen.generation.options import GenerateOptions
 from scalegen.io import atomic_write, resolve_path
+from scalegen.official.hub import resolve as resolve_weights
 from scalegen.pretrained import load_generator
 
 GRID_CLASSES, GRID_PER_CLASS = 10, 8  # the grid shows the first images of the first classes, not all 50,000
@@ -114,7 +115,7 @@ def sample_to_folder(cfg: DictConfig) -> Path:
     if num_shards > 1 and OmegaConf.is_interpolation(cfg, "out_dir"):
         raise ValueError("several processes share one folder: give out_dir=... (the default folder is named by "
                          "each process's own start time)")
-    module = load_generator(resolve_path(cfg.ckpt), resolve_path(cfg.vae_ckpt), pick_device(cfg.device))
+    module = load_generator(resolve_weights(cfg.ckpt, "ckpt"), resolve_weights(cfg.vae_ckpt, "vae_ckpt"), pick_device(cfg.device))
     labels = sampling_labels(cfg, module.num_classes)
     opts = sampling_options(cfg)
     options = module.sampling_options(**opts)  # a key this model's head does not take is refused before any drawing

@@ -13,7 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from scalegen.errors import ConfigError
-from scalegen.io import AtomicCheckpointIO, resolve_path, save_safetensors
+from scalegen.io import AtomicCheckpointIO, save_safetensors
+from scalegen.official.hub import resolve as resolve_weights
 from scalegen.scaleout.slurm import cluster_plugins_and_callbacks
 from scalegen.training.init_from import init_generator, init_tokenizer, tokenizer_source
 from scalegen.training.runfolder import (
@@ -86,7 +87,7 @@ def train_tokenizer(cfg: DictConfig, data, out: Path) -> Path:
     steps = opts.pop("max_steps")
     tokenizer = build_tokenizer(cfg)
     if cfg.task == "tokenizer" and cfg.get("init_from"):
-        init_tokenizer(tokenizer, str(resolve_path(cfg.init_from)))
+        init_tokenizer(tokenizer, resolve_weights(cfg.init_from, "init_from"))
     module = TokenizerModule(tokenizer, **opts)
     tok_out = out / "tokenizer"
     # its own CSV log and no step checkpoints: the stage is short and its product is the weights file
@@ -141,10 +142,10 @@ def _train(cfg: DictConfig, out: Path) -> None:
     data.setup("fit")  # surfaces a bad data path before any training
     OmegaConf.save(cfg, out / "config.yaml", resolve=True)
 
-    tok_ckpt = resolve_path(cfg.tokenizer_ckpt)
+    tok_ckpt = resolve_weights(cfg.tokenizer_ckpt, "tokenizer_ckpt")
     if hasattr(data, "tokenizer_for_run"):  # cached latents: the tokenizer (config and weights) they were made with
         tok_ckpt = data.tokenizer_for_run(OmegaConf.to_container(cfg.tokenizer, resolve=True), tok_ckpt)
-    init_from = resolve_path(cfg.get("init_from"))
+    init_from = resolve_weights(cfg.get("init_from"), "init_from")
     if cfg.task == "generator" and tok_ckpt is None and init_from and not resume_from:
         tok_ckpt = tokenizer_source(str(init_from))
     if cfg.task == "tokenizer" or tok_ckpt is None:
