@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import compose_cfg, tiny_module
 
+from scalegen import hub
 from scalegen.build import run_config
 from scalegen.errors import ConfigError
-from scalegen.official import hub
 from scalegen.pretrained import load_generator
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

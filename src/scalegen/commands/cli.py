@@ -11,9 +11,6 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from scalegen.eval.report import main as report_main
-from scalegen.official.convert import main as convert_main
-
 CONFIGS = Path(__file__).resolve().parents[3] / "configs"  # src/scalegen/commands/cli.py -> <repo>/configs
 
 __all__ = ["CONFIGS", "convert_main", "report_main", "sample_main", "train_main"]
@@ -35,6 +32,18 @@ def _train(cfg: DictConfig) -> None:
 def _sample(cfg: DictConfig) -> None:
     from scalegen.commands.sample import sample_to_folder  # as in _train: after `--help` and the config checks
     sample_to_folder(cfg)
+
+
+def report_main(argv: list[str] | None = None) -> None:
+    """`scalegen-report`: the comparison report of a multirun folder (scalegen.eval.report)."""
+    from scalegen.eval.report import main  # imported at call time: matplotlib and the models only for this command
+    main(argv)
+
+
+def convert_main(argv: list[str] | None = None) -> None:
+    """`scalegen-convert`: official releases to scalegen safetensors and back (scalegen.official.convert)."""
+    from scalegen.official.convert import main  # imported at call time: the official releases load the model code
+    main(argv)
 
 
 def train_main() -> None:

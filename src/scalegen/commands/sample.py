@@ -23,8 +23,8 @@ from scalegen.eval.metrics import to_uint8 as to_uint8_nchw
 from scalegen.generation.chunks import chunks, generate_chunk, shard_from_env
 from scalegen.generation.editing import edit_options
 from scalegen.generation.options import GenerateOptions
+from scalegen.hub import resolve as resolve_weights
 from scalegen.io import atomic_write, resolve_path
-from scalegen.official.hub import resolve as resolve_weights
 from scalegen.pretrained import load_generator
 
 GRID_CLASSES, GRID_PER_CLASS = 10, 8  # the grid shows the first images of the first classes, not all 50,000

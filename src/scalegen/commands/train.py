@@ -13,10 +13,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from scalegen.errors import ConfigError
+from scalegen.hub import resolve as resolve_weights
 from scalegen.io import AtomicCheckpointIO, save_safetensors
-from scalegen.official.hub import resolve as resolve_weights
 from scalegen.scaleout.slurm import cluster_plugins_and_callbacks
-from scalegen.training.init_from import init_generator, init_tokenizer, tokenizer_source
 from scalegen.training.runfolder import (
     FinalCheckpoint,
     RunLock,
@@ -78,6 +77,7 @@ def train_tokenizer(cfg: DictConfig, data, out: Path) -> Path:
     """Train the configured tokenizer on the run's data; returns its weights file (reused when already there)."""
     from scalegen.build import build_tokenizer  # model code: see train()
     from scalegen.tokenizers.train import TokenizerModule
+    from scalegen.training.init_from import init_tokenizer  # model code, as above
 
     target = out / "tokenizer.safetensors"
     if target.exists() and cfg.resume:
@@ -124,6 +124,7 @@ def _train(cfg: DictConfig, out: Path) -> None:
     from scalegen.build import build_module
     from scalegen.scaleout.distributed import generation_context, is_sharded, recover
     from scalegen.tokenizers.latent_stats import resolve_scale_factor
+    from scalegen.training.init_from import init_generator, tokenizer_source  # loads the official releases: model code
     ckpt_dir = checkpoint_dir(cfg, out) if cfg.task == "generator" else None
     if ckpt_dir is not None:
         check_writable(ckpt_dir, "checkpoint folder")

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import argparse
 
+from scalegen.hub import resolve
 from scalegen.official import RELEASES, to_official, to_scalegen
-from scalegen.official.hub import resolve
 
 KINDS = tuple(RELEASES)
 
