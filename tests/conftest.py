@@ -1,10 +1,11 @@
 """What the test files share: the repository path, the Hydra compose helper, tiny stand-ins, thread counts, and
 where the golden files of the official code live.
 
-Golden files: the folder is `$SCALEGEN_PARITY_DIR`, else `../shared/parity` beside the repository (resolved from
-this file, not from the working directory). A test marked `@pytest.mark.parity("<method>")` that takes a
-`golden_file` argument runs once per `.pt` file in `<parity dir>/<method>/` found at collection, with the file name
-as its id. Without the folder the test is skipped, saying why; a folder without any `.pt` file fails.
+Golden files: `tests/golden/` (in the repository; each method's folder says how its files were made and has the
+script that regenerates them), plus the folders of the same layout listed in `$SCALEGEN_PARITY_DIR` (separated by
+`os.pathsep`), which add files. A test marked `@pytest.mark.parity("<method>")` that takes a `golden_file` argument
+runs once per `.pt` file in `<folder>/<method>/` of every folder found at collection, with the file name as its id
+(a file that repeats one already found, byte for byte, is run once). A method without any `.pt` file fails.
 
 Threads: a module marked `pytestmark = pytest.mark.threads(n)` runs (with its module fixtures) on n intra-op threads.
 
@@ -13,6 +14,7 @@ default import mode).
 """
 from __future__ import annotations
 
+import filecmp
 import os
 from pathlib import Path
 
@@ -88,18 +90,34 @@ def _module_threads(request: pytest.FixtureRequest):
 # ---- golden files of the official code ----------------------------------------------------------------------------
 
 
+GOLDEN = REPO / "tests" / "golden"
+
+
+def parity_dirs() -> list[Path]:
+    """tests/golden, then each folder of $SCALEGEN_PARITY_DIR (an extra folder that does not exist is an error)."""
+    extra = [Path(p) for p in os.environ.get("SCALEGEN_PARITY_DIR", "").split(os.pathsep) if p]
+    missing = [str(p) for p in extra if not p.is_dir()]
+    if missing:
+        raise pytest.UsageError(f"SCALEGEN_PARITY_DIR: {', '.join(missing)} is not a folder (it lists extra folders "
+                                f"of golden files, laid out like {GOLDEN}; unset it to run the repository's goldens)")
+    return [GOLDEN, *(p for p in extra if p.resolve() != GOLDEN.resolve())]
+
+
 def parity_dir(method: str = "") -> Path:
-    root = Path(os.environ.get("SCALEGEN_PARITY_DIR") or REPO.parent / "shared" / "parity")
-    return root / method if method else root
+    """The repository's golden folder (of a method): for tests that pick their files by name."""
+    return GOLDEN / method if method else GOLDEN
 
 
 def _golden_params(method: str) -> list:
-    folder = parity_dir(method)
-    if not folder.is_dir():
-        reason = f"no golden files: {folder} does not exist (set SCALEGEN_PARITY_DIR to the shared/parity folder)"
-        return [pytest.param(None, id=f"{method}-missing", marks=pytest.mark.skip(reason=reason))]
-    files = sorted(folder.glob("*.pt"))
-    return [pytest.param(path, id=path.name) for path in files] or [pytest.param(folder, id=f"{method}-empty")]
+    params, seen = [], {}
+    for root in parity_dirs():
+        for path in sorted((root / method).glob("*.pt")):
+            twin = seen.get(path.name)
+            if twin is not None and filecmp.cmp(twin, path, shallow=False):
+                continue  # the same file in two folders: one test
+            seen.setdefault(path.name, path)
+            params.append(pytest.param(path, id=path.name if twin is None else f"{root.name}-{path.name}"))
+    return params or [pytest.param(GOLDEN / method, id=f"{method}-empty")]
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -43,7 +43,7 @@ def tiny_flowar(token_dim=4, scales=(1, 2, 4), cross=False, drop=0.0, num_classe
 def read_keys(name: str) -> dict:
     path = KEYS / name
     if not path.is_file():
-        pytest.skip(f"no key list: {path} does not exist (the shared parity folder is missing)")
+        pytest.skip(f"no key list: {path} does not exist (the key lists live in tests/golden/keys)")
     out = {}
     for line in path.read_text().splitlines():
         if line and not line.startswith("#"):

@@ -16,7 +16,7 @@ MODULES = sorted(SRC.rglob("*.py"))
 
 # low -> high: a module may import modules of its own layer or of a lower one
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "io"),  # leaves: errors, checkpoint I/O
+    ("errors", "io", "hub"),  # leaves: errors, checkpoint I/O, weights files by path / Hub id / release name
     ("schedule", "generation.guidance", "generation.options"),  # value types: schedules, compositions, guidance, options
     ("parts", "tokenizers", "generators", "heads"),  # the part interfaces and the parts
     ("generation", "official", "data"),  # the loop over parts, the official releases, data modules

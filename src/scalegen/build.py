@@ -61,7 +61,7 @@ COMPOSITION_DERIVED = ("tokenizer", "scales")
 
 # the top-level keys a run reads; `extra` is the free namespace for your own keys (sweep tags, notes), read by nothing
 RUN_KEYS = ("data", "tokenizer", "backbone", "head", "model", "trainer", "logger", "callbacks", "scales", "task", "seed",
-            "tokenizer_ckpt", "resume", "resume_changes", "max_nonfinite", "guard", "activation_checkpointing", "tokenizer_training",
+            "tokenizer_ckpt", "init_from", "resume", "resume_changes", "max_nonfinite", "guard", "activation_checkpointing", "tokenizer_training",
             "sample", "hydra", "output_dir", "extra")
 MODEL_KEYS = ("name", "cond_drop_rate", "ema_decay", "init", "optimizer", "lr_schedule", "composition", "train_scales")
 TRAINER_DERIVED = ("default_root_dir", "callbacks", "plugins", "logger")

@@ -7,6 +7,7 @@ import torch
 from omegaconf import OmegaConf
 
 from scalegen.build import build_generator, build_tokenizer
+from scalegen.hub import resolve
 from scalegen.io import load_lightning_checkpoint, load_strict
 from scalegen.official import load_pretrained
 from scalegen.official.registry import UNREADABLE, not_a_checkpoint, recognise
@@ -20,8 +21,10 @@ def load_generator(path: str, vae_path: str | None = None, device: str | torch.d
     release or its conversion (`scalegen.official.convert`), recognised by its keys or metadata: VAR's `var_d16.pth`,
     M-VAR's `d16.pth`, FlexVAR's `FlexVARd16-epo179.pth`, FlowAR's `FlowAR-L.pth`. Then `vae_path` names the
     tokenizer release it pairs with (`vae_ch160v4096z32.pth`, `FlexVAE.pth`, `kl16.ckpt`), and the module samples
-    with the release's official defaults.
+    with the release's official defaults. Either may be `hf://<owner>/<repo>/<file>` or a release name
+    (`var_d16`, `vae_var`; `scalegen.hub.HUB_FILES`).
     """
+    path, vae_path = resolve(path, "ckpt"), resolve(vae_path, "vae_ckpt")  # Hub ids and release names (official.hub)
     if not Path(path).exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     ckpt = _training_checkpoint(path) if str(path).endswith(".ckpt") else None

@@ -24,6 +24,7 @@ from scalegen.eval.metrics import to_uint8 as to_uint8_nchw
 from scalegen.generation.chunks import chunks, generate_chunk, shard_from_env
 from scalegen.generation.editing import edit_options
 from scalegen.generation.options import GenerateOptions
+from scalegen.hub import resolve as resolve_weights
 from scalegen.io import atomic_write, resolve_path
 from scalegen.pretrained import load_generator
 
@@ -133,7 +134,8 @@ def sample_to_folder(cfg: DictConfig) -> Path:
         raise ValueError("several processes share one folder: give out_dir=... (the default folder is named by "
                          "each process's own start time)")
     check_sample_config(cfg)
-    module = load_generator(resolve_path(cfg.ckpt), resolve_path(cfg.vae_ckpt), pick_device(cfg.device))
+    module = load_generator(resolve_weights(cfg.ckpt, "ckpt"), resolve_weights(cfg.vae_ckpt, "vae_ckpt"),
+                            pick_device(cfg.device))
     labels = sampling_labels(cfg, module.num_classes)
     opts = sampling_options(cfg)
     options = module.sampling_options(**opts)  # a key this model's head does not take is refused before any drawing

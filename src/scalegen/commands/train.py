@@ -13,7 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from scalegen.errors import ConfigError
-from scalegen.io import AtomicCheckpointIO, resolve_path, save_safetensors
+from scalegen.hub import resolve as resolve_weights
+from scalegen.io import AtomicCheckpointIO, save_safetensors
 from scalegen.scaleout.slurm import cluster_plugins_and_callbacks
 from scalegen.training.runfolder import (
     FinalCheckpoint,
@@ -76,6 +77,7 @@ def train_tokenizer(cfg: DictConfig, data, out: Path) -> Path:
     """Train the configured tokenizer on the run's data; returns its weights file (reused when already there)."""
     from scalegen.build import build_tokenizer  # model code: see train()
     from scalegen.tokenizers.train import TokenizerModule
+    from scalegen.training.init_from import init_tokenizer  # model code, as above
 
     target = out / "tokenizer.safetensors"
     if target.exists() and cfg.resume:
@@ -83,7 +85,10 @@ def train_tokenizer(cfg: DictConfig, data, out: Path) -> Path:
         return target
     opts = OmegaConf.to_container(cfg.tokenizer_training, resolve=True)
     steps = opts.pop("max_steps")
-    module = TokenizerModule(build_tokenizer(cfg), **opts)
+    tokenizer = build_tokenizer(cfg)
+    if cfg.task == "tokenizer" and cfg.get("init_from"):
+        init_tokenizer(tokenizer, resolve_weights(cfg.init_from, "init_from"))
+    module = TokenizerModule(tokenizer, **opts)
     tok_out = out / "tokenizer"
     # its own CSV log and no step checkpoints: the stage is short and its product is the weights file
     stage_cfg = OmegaConf.merge(cfg, {"callbacks": {"checkpoint": None}})
@@ -121,6 +126,7 @@ def _train(cfg: DictConfig, out: Path) -> None:
     from scalegen.build import build_module
     from scalegen.scaleout.distributed import generation_context, is_sharded, recover
     from scalegen.tokenizers.latent_stats import resolve_scale_factor
+    from scalegen.training.init_from import init_generator, tokenizer_source  # loads the official releases: model code
     ckpt_dir = checkpoint_dir(cfg, out) if cfg.task == "generator" else None
     if ckpt_dir is not None:
         check_writable(ckpt_dir, "checkpoint folder")
@@ -139,9 +145,12 @@ def _train(cfg: DictConfig, out: Path) -> None:
     data.setup("fit")  # surfaces a bad data path before any training
     OmegaConf.save(cfg, out / "config.yaml", resolve=True)
 
-    tok_ckpt = resolve_path(cfg.tokenizer_ckpt)
+    tok_ckpt = resolve_weights(cfg.tokenizer_ckpt, "tokenizer_ckpt")
     if hasattr(data, "tokenizer_for_run"):  # cached latents: the tokenizer (config and weights) they were made with
         tok_ckpt = data.tokenizer_for_run(OmegaConf.to_container(cfg.tokenizer, resolve=True), tok_ckpt)
+    init_from = resolve_weights(cfg.get("init_from"), "init_from")
+    if cfg.task == "generator" and tok_ckpt is None and init_from and not resume_from:
+        tok_ckpt = tokenizer_source(str(init_from))
     if cfg.task == "tokenizer" or tok_ckpt is None:
         tok_ckpt = str(train_tokenizer(cfg, data, out))
     if cfg.task == "tokenizer":
@@ -149,6 +158,8 @@ def _train(cfg: DictConfig, out: Path) -> None:
 
     resolve_scale_factor(cfg, data, tok_ckpt, out)  # tokenizer.scale_factor: null -> 1/std measured on the training data
     module = build_module(cfg, data.num_classes, tok_ckpt)
+    if init_from and not resume_from:  # a resumed run continues from its own checkpoint
+        init_generator(module, str(init_from))
     trainer = make_trainer(cfg.trainer, out, cfg)
     if resume_from:
         print(f"[scalegen] resuming from {resume_from}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 
+from scalegen.hub import resolve
 from scalegen.official import RELEASES, to_official, to_scalegen
 
 KINDS = tuple(RELEASES)
@@ -23,12 +24,13 @@ KINDS = tuple(RELEASES)
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("kind", choices=KINDS)
-    parser.add_argument("src")
+    parser.add_argument("src", help="a file, hf://<owner>/<repo>/<file> or a release name (var_d16, vae_var, flowar_s, …)")
     parser.add_argument("-o", "--out", required=True)
     parser.add_argument("--scales", type=lambda s: [int(x) for x in s.split(",")], default=None,
                         help="the schedule, when not a VAR preset (e.g. 1,2,3,4)")
     parser.add_argument("--to-official", action="store_true", help="scalegen safetensors -> official .pth layout")
     args = parser.parse_args(argv)
+    args.src = resolve(args.src, "src")
     if args.to_official:
         to_official(args.kind, args.src, args.out)
     else:
