@@ -138,6 +138,8 @@ def _train(cfg: DictConfig, out: Path) -> None:
         check_resume_settings(cfg, last)
     # the frozen tokenizer is in eval mode on purpose
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+    # a run resumes in its own folder by design: its checkpoints being there is the point, not a hazard
+    warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
     data = instantiate(cfg.data)

@@ -35,7 +35,7 @@ class GeneratorModule(L.LightningModule):
         super().__init__()
         self.tokenizer = tokenizer.eval().requires_grad_(False)
         self.generator, self.composition = generator, composition
-        self.ema = copy.deepcopy(generator).requires_grad_(False) if ema_decay else None
+        self.ema = copy.deepcopy(generator).requires_grad_(False).eval() if ema_decay else None
         self.make_optimizer = optimizer  # (param groups, lr=peak LR) -> Optimizer, e.g. a partial AdamW
         self.lr_schedule, self.batch_size = lr_schedule, batch_size  # batch_size: per device, for the peak LR
         self.ema_decay, self.cond_drop_rate, self.max_nonfinite = ema_decay, cond_drop_rate, max_nonfinite
@@ -59,6 +59,8 @@ class GeneratorModule(L.LightningModule):
     def train(self, mode: bool = True):
         super().train(mode)
         self.tokenizer.eval()  # frozen: no dropout or norm-statistics updates, whatever Lightning asks
+        if self.ema is not None:
+            self.ema.eval()  # only ever averaged into and sampled from: never in train mode (nor shown so)
         return self
 
     # -- data -> targets -------------------------------------------------------------------------------------------
