@@ -26,10 +26,10 @@ class HubFile:
 
 
 def _table() -> dict[str, HubFile]:
-    var = "FoundationVision/var"  # VAR README, "VAR zoo"
+    var = "FoundationVision/var"  # VAR README "VAR zoo"; train.py and demo_sample.ipynb wget from it
     flex = "jiaosiyu1999/FlexVAR"  # FlexVAR README, "VAR zoo"
-    mvar = "OliverRen/M-VAR"  # M-VAR gen_img_uncond.py:15
-    flowar = "OliverRen/FlowAR"
+    mvar = "OliverRen/M-VAR"  # M-VAR README "Inference"; file names as gen_img_uncond.py:15 (d32.pth)
+    flowar = "OliverRen/FlowAR"  # FlowAR README "Inference" (FlowAR-{S,L,H}.pth in its eval commands)
     t = {"vae_var": HubFile(var, "vae_ch160v4096z32.pth"), "flexvae": HubFile(flex, "FlexVAE.pth")}
     t.update({f"var_d{d}": HubFile(var, f"var_d{d}.pth") for d in (16, 20, 24, 30, 36)})
     t.update({f"mvar_d{d}": HubFile(mvar, f"d{d}.pth") for d in (16, 20, 24, 30, 32)})
