@@ -5,8 +5,10 @@ import pytest
 import torch
 from conftest import compose_cfg
 
-from scalegen.build import build_generator, build_tokenizer, check_generator_config
+from scalegen.build import build_generator, build_module, build_tokenizer, check_generator_config
+from scalegen.errors import ConfigError
 from scalegen.generators.flowar import FlowARTransformer, split_depth
+from scalegen.heads.flow import FlowHead
 
 METHODS = ("var", "flexvar", "mvar", "flowar")
 
@@ -34,3 +36,48 @@ def test_flowar_split_derived_from_depth_unless_set():
         split_depth(2, encoder_depth=3)
     bb = FlowARTransformer(10, 4, (1, 2), width=32, depth=3, num_heads=2)
     assert bb.encoder_depth == 1 and bb.depth == 3 and len(bb.blocks) == 3
+
+
+# ---- a head swap takes the new head's sampling defaults ---------------------------------------------------------
+
+TINY = ("backbone.depth=1", "backbone.width=32", "backbone.num_heads=2")
+MAMBA = ("backbone.headdim=32", "backbone.d_state=16")
+
+
+def train_and_sample(module, steps: int = 2):
+    images, labels = torch.rand(4, 3, 32, 32) * 2 - 1, torch.tensor([0, 3, 5, 9])
+    for _ in range(steps):
+        loss, _ = module._loss((images, labels), drop_labels=True)
+        loss.backward()
+        assert torch.isfinite(loss)
+    out = module.generate([1, 2], seed=0)
+    assert out.shape == (2, 3, 32, 32) and out.isfinite().all()
+    return out
+
+
+@pytest.mark.parametrize("model, extra", [("var", ()), ("mvar", MAMBA)])
+def test_flow_head_on_a_categorical_method_samples(model, extra):
+    """`model=var|mvar head=flow composition=direct`: the model's `sample:` block holds no categorical option, so
+    the flow head gets its own (num_steps, guidance) and the method's guidance schedule (VAR's linear ramp)."""
+
+
+    torch.manual_seed(0)
+    cfg = compose_cfg(f"model={model}", "head=flow", "composition=direct", "head.flow_width=32", "head.depth=1",
+                      "head.num_steps=2", *TINY, *extra)
+    module = build_module(cfg, 10)
+    assert isinstance(module.generator.head, FlowHead)
+    assert module.sampling_options().guidance.cfg_schedule == "linear"
+    train_and_sample(module)
+
+
+def test_categorical_sampling_defaults_are_the_heads():
+
+    module = build_module(compose_cfg("head.top_k=5", "head.top_p=0.5", *TINY), 10)
+    head = module.generator.head
+    assert (head.top_k, head.top_p, head.more_smooth) == (5, 0.5, False)
+    assert module.sampling_options().head.top_k is None  # None: the head's own
+    assert module.sampling_options(top_k=3).head.top_k == 3
+    with pytest.raises(ConfigError, match=r"^head\.top_k=5000: above the vocabulary of \d+ codes"):
+        check_generator_config(compose_cfg("head.top_k=5000"))
+    with pytest.raises(ConfigError, match=r"^head\.top_k=-1: needs an integer >= 0"):
+        check_generator_config(compose_cfg("head.top_k=-1"))

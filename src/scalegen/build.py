@@ -220,7 +220,13 @@ def check_sampling(cfg: DictConfig, head_cls: type) -> None:
     """The head's sampling defaults (head.num_steps, ...) and every sampling option of the run (sample.*), built as
     the typed options they become, so an unknown key or a value that cannot work fails now, naming it."""
     own = [f.name for f in fields(head_cls.options_type)]
-    head_cls.options_type.checked({k: cfg.head[k] for k in own if cfg.head.get(k) is not None}, "head.")
+    defaults = head_cls.options_type.checked({k: cfg.head[k] for k in own if cfg.head.get(k) is not None}, "head.")
+    vocab = cfg.tokenizer.get("vocab_size") if head_cls.needs_discrete else None
+    if isinstance(vocab, int):
+        try:
+            defaults.check_vocabulary(vocab)
+        except ValueError as e:
+            raise ConfigError(f"head.{e}") from None
     run_sample = cfg.get("sample") or {}
     per_class, seed = run_sample.get("per_class", 1), run_sample.get("seed", 0)
     if not (isinstance(per_class, int) and not isinstance(per_class, bool) and per_class >= 1):
@@ -228,7 +234,6 @@ def check_sampling(cfg: DictConfig, head_cls: type) -> None:
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"sample.seed: {seed!r} must be an integer")
     sample = {k: v for k, v in run_sample.items() if k not in RUN_SAMPLE_KEYS}
-    vocab = cfg.tokenizer.get("vocab_size") if head_cls.needs_discrete else None
     try:
         GenerateOptions.of(head_cls, sample, vocab_size=vocab if isinstance(vocab, int) else None)
     except ConfigError as e:

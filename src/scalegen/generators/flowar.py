@@ -20,7 +20,6 @@ from scalegen.generators.rope import rope_table
 from scalegen.schedule.anyscale import own_or
 from scalegen.schedule.scales import ScaleSchedule
 
-
 DEFAULT_DEPTH = 12  # FlowAR-S: 6 encoder + 6 decoder blocks
 
 
