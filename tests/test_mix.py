@@ -81,3 +81,28 @@ def test_categorical_sampling_defaults_are_the_heads():
         check_generator_config(compose_cfg("head.top_k=5000"))
     with pytest.raises(ConfigError, match=r"^head\.top_k=-1: needs an integer >= 0"):
         check_generator_config(compose_cfg("head.top_k=-1"))
+
+
+# ---- companion settings named; statistics of another schedule reset, not refused -------------------------------
+
+
+def test_a_pairing_that_needs_a_companion_setting_names_it():
+    with pytest.raises(ConfigError, match=r"model\.train_scales=null") as e:
+        check_generator_config(compose_cfg("model=flexvar", "head=flow", "composition=direct"))
+    assert "backbone=flexvar or mvar_flex with composition=direct_vq" in str(e.value)
+    check_generator_config(compose_cfg("model=flexvar", "head=flow", "composition=direct", "model.train_scales=null"))
+
+
+def test_a_trained_vq_tokenizer_loads_under_another_scale_list(tmp_path):
+    """VAR's tokenizer trained on [1, 2, 3, 4, 6, 8] under FlowAR's doubling scales: its per-scale usage statistics
+    (6 rows, 4 wanted) are reset with a note; every weight loads."""
+    var_cfg = compose_cfg("model=var")
+    trained = build_tokenizer(var_cfg)
+    trained.quantize.usage_ema.fill_(1.0)
+    ckpt = tmp_path / "tok.ckpt"
+    torch.save({"state_dict": {f"tokenizer.{k}": v for k, v in trained.state_dict().items()}}, ckpt)
+    with pytest.warns(UserWarning, match=r"quantize\.usage_ema holds statistics of shape \(6, 256\).*\(4, 256\): reset"):
+        tok = build_tokenizer(compose_cfg("model=flowar", "tokenizer=msvq_digits"), str(ckpt))
+    assert tok.quantize.usage_ema.shape == (4, 256) and tok.quantize.usage_ema.abs().sum() == 0
+    assert torch.equal(tok.quantize.embedding.weight, trained.quantize.embedding.weight)
+    assert torch.equal(tok.decoder.conv_in.weight, trained.decoder.conv_in.weight)

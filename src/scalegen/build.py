@@ -253,10 +253,14 @@ def check_schedule_changes(cfg: DictConfig, backbone_cls: type, composition_cls:
         changes = sample_scales is not None and ScaleSchedule.of(sample_scales) != ScaleSchedule.of(cfg.scales)
     except (TypeError, ValueError, IndexError) as e:
         raise ConfigError(f"sample.scales: {e} (a list of sides, e.g. [1, 2, 4], or of [h, w] pairs, each >= 1)") from None
+    fixes = {"model.train_scales": "model.train_scales=null (train on `scales`)",
+             "sample.scales": "sample.scales=null (generate on `scales`)"}
     for key, asked in (("model.train_scales", train_scales is not None), ("sample.scales", changes)):
         fixed = fixed_parts(backbone_cls, composition_cls) if asked else []
         if fixed:
-            raise ConfigError(f"{key}: this model runs only on the scales it was built with (scales); " + "; ".join(fixed))
+            raise ConfigError(f"{key}: this model runs only on the scales it was built with (scales); " + "; ".join(fixed)
+                              + f". Set {fixes[key]}, or pick parts that run any list (backbone=flexvar or mvar_flex "
+                              "with composition=direct_vq)")
 
 
 def build_guard(cfg: DictConfig):
