@@ -106,3 +106,15 @@ def test_a_trained_vq_tokenizer_loads_under_another_scale_list(tmp_path):
     assert tok.quantize.usage_ema.shape == (4, 256) and tok.quantize.usage_ema.abs().sum() == 0
     assert torch.equal(tok.quantize.embedding.weight, trained.quantize.embedding.weight)
     assert torch.equal(tok.decoder.conv_in.weight, trained.decoder.conv_in.weight)
+
+
+# ---- sweep folders: path-valued overrides stay out of the job names ---------------------------------------------
+
+
+def test_path_valued_overrides_stay_out_of_job_names():
+    cfg = compose_cfg("tokenizer_ckpt=/data/tok.ckpt", "init_from=/data/run/last.ckpt", "data=imagefolder", "data.root=/data/imagenet",
+                      "backbone.depth=2", "model=flexvar", hydra_config=True)
+    assert cfg.hydra.job.override_dirname == "backbone.depth=2,data=imagefolder,model=flexvar"
+    cfg = compose_cfg("ckpt=/data/run/last.ckpt", "vae_ckpt=/data/vae.pth", "cfg_scale=2.0", config="sample",
+                      hydra_config=True)
+    assert cfg.hydra.job.override_dirname == "cfg_scale=2.0"
