@@ -179,26 +179,27 @@ def check_generator_config(cfg: DictConfig) -> None:
                           group="composition")
     comp = composition_name(comp_cls)
     check_optimizer(cfg.model)
+    fix = pairing_fix(tok_cls, head_cls)
     why = comp_cls.incompatible(tok_cls)  # the part interfaces are declared: scalegen.parts
     if why:
-        raise ConfigError(f"model.composition={comp}: {why}")
+        raise ConfigError(f"model.composition={comp}: {why}; {fix}")
     check_schedule_changes(cfg, backbone_cls, comp_cls)
     if head_cls.needs_discrete and not tok_cls.discrete:
-        raise ConfigError(f"head={head_cls.__name__} predicts code indices, but tokenizer={tok_cls.__name__} is continuous: "
-                          "use a VQ tokenizer or a flow head")
+        raise ConfigError(f"head={head_cls.__name__} predicts code indices, but tokenizer={tok_cls.__name__} is continuous; "
+                          f"{fix}")
     comp_discrete = comp_cls.discrete
     if head_cls.needs_discrete and not comp_discrete:
         raise ConfigError(f"model.composition={comp} gives continuous latents, but head={head_cls.__name__} predicts code "
-                          "indices: use composition=residual with a VQ tokenizer, or a flow head")
+                          f"indices; {fix}")
     if not head_cls.needs_discrete and comp_discrete:
         raise ConfigError(f"model.composition={comp} gives code indices, but head={head_cls.__name__} regresses continuous "
-                          "latents: use composition=direct")
+                          f"latents; {fix}")
     check_sampling(cfg, head_cls)
     build_guard(cfg)
     residual = issubclass(comp_cls, ResidualComposition)
     if residual and not tok_cls.residual:
-        raise ConfigError(f"model.composition={comp} needs a residual multi-scale quantizer; {tok_cls.__name__} has none: "
-                          "use composition=direct_vq (VQ) or composition=direct (continuous)")
+        raise ConfigError(f"model.composition={comp} needs a residual multi-scale quantizer; {tok_cls.__name__} has none; "
+                          f"{fix}")
     tok_scales = cfg.tokenizer.get("v_patch_nums")
     if residual and tok_scales is not None and list(tok_scales) != list(cfg.scales):
         raise ConfigError(f"scales {list(cfg.scales)} differ from tokenizer.v_patch_nums {list(tok_scales)}: residual "
@@ -211,6 +212,26 @@ def check_generator_config(cfg: DictConfig) -> None:
         if last != (latent, latent):
             raise ConfigError(f"scales: the last scale {last} must equal the latent size {latent}x{latent} "
                               f"(data.image_size {cfg.data.image_size} / tokenizer downsampling {down})")
+
+
+# the tokenizer configs of each kind, digits first (configs/tokenizer/)
+TOKENIZERS = {"residual": "msvq_digits (or msvq_var)", "single-scale VQ": "flexvae_digits (or flexvae)",
+              "continuous": "kl_digits (or kl16)"}
+
+
+def pairing_fix(tok_cls: type, head_cls: type) -> str:
+    """The overrides that make a tokenizer and a head compose (named in every pairing refusal): a categorical head
+    needs code indices (a residual quantizer with composition=residual, a single-scale VQ with direct_vq), a flow
+    head regresses latents (composition=direct, any tokenizer)."""
+    flow = "head=flow with composition=direct"
+    if not head_cls.needs_discrete:
+        return "use composition=direct (any tokenizer's latent)"
+    if tok_cls.residual:
+        return f"use composition=residual, or {flow}"
+    if tok_cls.discrete:
+        return f"use composition=direct_vq, or {flow}"
+    return (f"use tokenizer={TOKENIZERS['residual']} with composition=residual, tokenizer={TOKENIZERS['single-scale VQ']} "
+            f"with composition=direct_vq, or {flow}")
 
 
 RUN_SAMPLE_KEYS = ("per_class", "seed")  # the `sample` keys of the run itself, not options of generation
