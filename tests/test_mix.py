@@ -4,7 +4,7 @@ from __future__ import annotations
 import mix_matrix as mix
 import pytest
 import torch
-from conftest import compose_cfg
+from conftest import REPO, compose_cfg
 
 from scalegen.build import build_generator, build_module, build_tokenizer, check_generator_config
 from scalegen.errors import ConfigError
@@ -151,3 +151,12 @@ def test_meaningful_cells_train_two_steps_and_sample(backbone):
         if cfg.tokenizer.get("scale_factor", 1.0) is None:  # a KL tokenizer's factor is measured by train.py
             cfg.tokenizer.scale_factor = 1.0
         train_and_sample(build_module(cfg, 10))
+
+
+def test_readme_mixes_table_is_the_matrix():
+    text = (REPO / "README.md").read_text()
+    table = text[text.index("<!-- mixes -->"):text.index("<!-- /mixes -->")]
+    rows = [[c.strip().strip("`") for c in line.strip("|").split("|")] for line in table.splitlines()[3:] if line]
+    assert {(kind, comp, head) for kind, _, comp, head in rows} == mix.MEANINGFUL
+    for kind, toks, _, _ in rows:
+        assert mix.TOKENIZERS[kind] in toks
