@@ -5,8 +5,10 @@ import mix_matrix as mix
 import pytest
 import torch
 from conftest import REPO, compose_cfg
+from omegaconf import OmegaConf
 
 from scalegen.build import build_generator, build_module, build_tokenizer, check_generator_config
+from scalegen.commands.train import metrics_line
 from scalegen.errors import ConfigError
 from scalegen.generators.flowar import FlowARTransformer, split_depth
 from scalegen.heads.flow import FlowHead
@@ -160,3 +162,14 @@ def test_readme_mixes_table_is_the_matrix():
     assert {(kind, comp, head) for kind, _, comp, head in rows} == mix.MEANINGFUL
     for kind, toks, _, _ in rows:
         assert mix.TOKENIZERS[kind] in toks
+
+
+# ---- 15.7: a short run's final line does not point to a metrics file it did not write ---------------------------
+
+
+def test_final_metrics_line_says_why_a_short_run_has_none(tmp_path):
+    trainer = OmegaConf.create({"log_every_n_steps": 10, "max_steps": 2})
+    line = metrics_line(tmp_path, trainer)
+    assert "no metrics.csv" in line and "trainer.log_every_n_steps=10" in line
+    (tmp_path / "metrics.csv").write_text("step\n")
+    assert metrics_line(tmp_path, trainer) == f"metrics: {tmp_path / 'metrics.csv'}"
