@@ -10,8 +10,10 @@ from omegaconf import OmegaConf
 from scalegen.build import build_generator, build_module, build_tokenizer, check_generator_config
 from scalegen.commands.train import metrics_line
 from scalegen.errors import ConfigError
+from scalegen.generation.editing import stretched
 from scalegen.generators.flowar import FlowARTransformer, split_depth
 from scalegen.heads.flow import FlowHead
+from scalegen.schedule.anyscale import check_scales
 
 METHODS = ("var", "flexvar", "mvar", "flowar")
 
@@ -173,3 +175,26 @@ def test_final_metrics_line_says_why_a_short_run_has_none(tmp_path):
     assert "no metrics.csv" in line and "trainer.log_every_n_steps=10" in line
     (tmp_path / "metrics.csv").write_text("step\n")
     assert metrics_line(tmp_path, trainer) == f"metrics: {tmp_path / 'metrics.csv'}"
+
+
+# ---- 15.8: the README says which edits each method supports, and the code agrees --------------------------------
+
+
+def test_readme_edit_table_matches_what_each_method_runs():
+    text = (REPO / "README.md").read_text()
+    table = text[text.index("<!-- edits -->"):text.index("<!-- /edits -->")]
+    rows = {r[0]: r[1:] for r in ([c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()[3:] if line)}
+    assert set(rows) == {"VAR", "M-VAR", "FlexVAR", "FlowAR"}
+    extra = {"mvar": MAMBA}
+    for method, model in (("VAR", "var"), ("M-VAR", "mvar"), ("FlexVAR", "flexvar"), ("FlowAR", "flowar")):
+        module = build_module(compose_cfg(f"model={model}", *TINY, *extra.get(model, ())), 10)
+        parts = (module.generator.backbone, module.composition)
+        assert check_scales(module.composition.scales, *parts) is None  # painting, refinement: the own list
+        assert rows[method][0] == rows[method][1] == "yes"
+        canvas = stretched(module.composition.scales, (8, 10))  # 8 px more on one side
+        if rows[method][2] == "yes":
+            assert check_scales(canvas, *parts) is not None
+        else:
+            assert rows[method][2].startswith("no")
+            with pytest.raises(ConfigError, match="runs only on the scales it was built with"):
+                check_scales(canvas, *parts)
