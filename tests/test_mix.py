@@ -13,6 +13,7 @@ from scalegen.errors import ConfigError
 from scalegen.generation.editing import stretched
 from scalegen.generators.flowar import FlowARTransformer, split_depth
 from scalegen.heads.flow import FlowHead
+from scalegen.pretrained import load_generator
 from scalegen.schedule.anyscale import check_scales
 
 METHODS = ("var", "flexvar", "mvar", "flowar")
@@ -198,3 +199,18 @@ def test_readme_edit_table_matches_what_each_method_runs():
             assert rows[method][2].startswith("no")
             with pytest.raises(ConfigError, match="runs only on the scales it was built with"):
                 check_scales(canvas, *parts)
+
+
+# ---- 15.2: a release's default top-k above a small file's vocabulary is clamped, with a note ---------------------
+
+
+def test_release_default_top_k_above_the_vocabulary_is_clamped(tmp_path):
+    from test_flexvar import release_files  # official-layout FlexVAR/FlexVAE files, 32 codes
+
+    release_files(tmp_path, False)
+    with pytest.warns(UserWarning, match=r"default top_k=900 is above this model's vocabulary of 32 codes: sampling "
+                                         r"with top_k=32"):
+        module = load_generator(str(tmp_path / "FlexVARd2.pth"), str(tmp_path / "FlexVAE.pth"))
+    assert module.generate([0], seed=0).shape == (1, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"^top_k=33: above the vocabulary of 32 codes"):
+        module.generate([0], top_k=33)

@@ -246,7 +246,18 @@ def load_pretrained(path, vae_path=None) -> Pretrained:
     if composition.token_dim != config["token_dim"]:
         raise ValueError(f"vae_ckpt: the {tok.title}'s latent has {composition.token_dim} channels, but {path} reads "
                          f"{config['token_dim']} ({rel.token_key}): give the tokenizer the model was trained with")
-    return Pretrained(tokenizer, generator, composition, rel.sampling(config))
+    return Pretrained(tokenizer, generator, composition, fit_vocabulary(rel.sampling(config), composition, rel, path))
+
+
+def fit_vocabulary(sample: dict, composition, rel: Release, path) -> dict:
+    """The release's default top-k is for its own codebook: above a smaller file's vocabulary it is clamped, with a
+    note (a top_k the user gives is still refused there, naming the limit)."""
+    top_k, vocab = sample.get("top_k"), composition.vocab_size
+    if isinstance(top_k, int) and isinstance(vocab, int) and top_k > vocab:
+        warnings.warn(f"{path}: the {rel.title} release's default top_k={top_k} is above this model's vocabulary of "
+                      f"{vocab} codes: sampling with top_k={vocab} (give top_k= to choose)", stacklevel=2)
+        sample = {**sample, "top_k": vocab}
+    return sample
 
 
 # ---- files: official <-> converted safetensors ------------------------------------------------------------------------
