@@ -179,26 +179,27 @@ def check_generator_config(cfg: DictConfig) -> None:
                           group="composition")
     comp = composition_name(comp_cls)
     check_optimizer(cfg.model)
+    fix = pairing_fix(tok_cls, head_cls)
     why = comp_cls.incompatible(tok_cls)  # the part interfaces are declared: scalegen.parts
     if why:
-        raise ConfigError(f"model.composition={comp}: {why}")
+        raise ConfigError(f"model.composition={comp}: {why}; {fix}")
     check_schedule_changes(cfg, backbone_cls, comp_cls)
     if head_cls.needs_discrete and not tok_cls.discrete:
-        raise ConfigError(f"head={head_cls.__name__} predicts code indices, but tokenizer={tok_cls.__name__} is continuous: "
-                          "use a VQ tokenizer or a flow head")
+        raise ConfigError(f"head={head_cls.__name__} predicts code indices, but tokenizer={tok_cls.__name__} is continuous; "
+                          f"{fix}")
     comp_discrete = comp_cls.discrete
     if head_cls.needs_discrete and not comp_discrete:
         raise ConfigError(f"model.composition={comp} gives continuous latents, but head={head_cls.__name__} predicts code "
-                          "indices: use composition=residual with a VQ tokenizer, or a flow head")
+                          f"indices; {fix}")
     if not head_cls.needs_discrete and comp_discrete:
         raise ConfigError(f"model.composition={comp} gives code indices, but head={head_cls.__name__} regresses continuous "
-                          "latents: use composition=direct")
+                          f"latents; {fix}")
     check_sampling(cfg, head_cls)
     build_guard(cfg)
     residual = issubclass(comp_cls, ResidualComposition)
     if residual and not tok_cls.residual:
-        raise ConfigError(f"model.composition={comp} needs a residual multi-scale quantizer; {tok_cls.__name__} has none: "
-                          "use composition=direct_vq (VQ) or composition=direct (continuous)")
+        raise ConfigError(f"model.composition={comp} needs a residual multi-scale quantizer; {tok_cls.__name__} has none; "
+                          f"{fix}")
     tok_scales = cfg.tokenizer.get("v_patch_nums")
     if residual and tok_scales is not None and list(tok_scales) != list(cfg.scales):
         raise ConfigError(f"scales {list(cfg.scales)} differ from tokenizer.v_patch_nums {list(tok_scales)}: residual "
@@ -213,6 +214,26 @@ def check_generator_config(cfg: DictConfig) -> None:
                               f"(data.image_size {cfg.data.image_size} / tokenizer downsampling {down})")
 
 
+# the tokenizer configs of each kind, digits first (configs/tokenizer/)
+TOKENIZERS = {"residual": "msvq_digits (or msvq_var)", "single-scale VQ": "flexvae_digits (or flexvae)",
+              "continuous": "kl_digits (or kl16)"}
+
+
+def pairing_fix(tok_cls: type, head_cls: type) -> str:
+    """The overrides that make a tokenizer and a head compose (named in every pairing refusal): a categorical head
+    needs code indices (a residual quantizer with composition=residual, a single-scale VQ with direct_vq), a flow
+    head regresses latents (composition=direct, any tokenizer)."""
+    flow = "head=flow with composition=direct"
+    if not head_cls.needs_discrete:
+        return "use composition=direct (any tokenizer's latent)"
+    if tok_cls.residual:
+        return f"use composition=residual, or {flow}"
+    if tok_cls.discrete:
+        return f"use composition=direct_vq, or {flow}"
+    return (f"use tokenizer={TOKENIZERS['residual']} with composition=residual, tokenizer={TOKENIZERS['single-scale VQ']} "
+            f"with composition=direct_vq, or {flow}")
+
+
 RUN_SAMPLE_KEYS = ("per_class", "seed")  # the `sample` keys of the run itself, not options of generation
 
 
@@ -220,7 +241,13 @@ def check_sampling(cfg: DictConfig, head_cls: type) -> None:
     """The head's sampling defaults (head.num_steps, ...) and every sampling option of the run (sample.*), built as
     the typed options they become, so an unknown key or a value that cannot work fails now, naming it."""
     own = [f.name for f in fields(head_cls.options_type)]
-    head_cls.options_type.checked({k: cfg.head[k] for k in own if cfg.head.get(k) is not None}, "head.")
+    defaults = head_cls.options_type.checked({k: cfg.head[k] for k in own if cfg.head.get(k) is not None}, "head.")
+    vocab = cfg.tokenizer.get("vocab_size") if head_cls.needs_discrete else None
+    if isinstance(vocab, int):
+        try:
+            defaults.check_vocabulary(vocab)
+        except ValueError as e:
+            raise ConfigError(f"head.{e}") from None
     run_sample = cfg.get("sample") or {}
     per_class, seed = run_sample.get("per_class", 1), run_sample.get("seed", 0)
     if not (isinstance(per_class, int) and not isinstance(per_class, bool) and per_class >= 1):
@@ -228,7 +255,6 @@ def check_sampling(cfg: DictConfig, head_cls: type) -> None:
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"sample.seed: {seed!r} must be an integer")
     sample = {k: v for k, v in run_sample.items() if k not in RUN_SAMPLE_KEYS}
-    vocab = cfg.tokenizer.get("vocab_size") if head_cls.needs_discrete else None
     try:
         GenerateOptions.of(head_cls, sample, vocab_size=vocab if isinstance(vocab, int) else None)
     except ConfigError as e:
@@ -248,10 +274,14 @@ def check_schedule_changes(cfg: DictConfig, backbone_cls: type, composition_cls:
         changes = sample_scales is not None and ScaleSchedule.of(sample_scales) != ScaleSchedule.of(cfg.scales)
     except (TypeError, ValueError, IndexError) as e:
         raise ConfigError(f"sample.scales: {e} (a list of sides, e.g. [1, 2, 4], or of [h, w] pairs, each >= 1)") from None
+    fixes = {"model.train_scales": "model.train_scales=null (train on `scales`)",
+             "sample.scales": "sample.scales=null (generate on `scales`)"}
     for key, asked in (("model.train_scales", train_scales is not None), ("sample.scales", changes)):
         fixed = fixed_parts(backbone_cls, composition_cls) if asked else []
         if fixed:
-            raise ConfigError(f"{key}: this model runs only on the scales it was built with (scales); " + "; ".join(fixed))
+            raise ConfigError(f"{key}: this model runs only on the scales it was built with (scales); " + "; ".join(fixed)
+                              + f". Set {fixes[key]}, or pick parts that run any list (backbone=flexvar or mvar_flex "
+                              "with composition=direct_vq)")
 
 
 def build_guard(cfg: DictConfig):

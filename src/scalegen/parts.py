@@ -21,6 +21,7 @@ class Tokenizer(Protocol):
     discrete: ClassVar[bool]  # code indices (VQ) or continuous latents
     residual: ClassVar[bool]  # VAR's multi-scale residual quantizer: its tokens are tied to its schedule
     stochastic: ClassVar[bool]  # encodes to a posterior (KL VAE): `posterior(images)`, `latent_from_moments(m)`
+    statistics: ClassVar[tuple[str, ...]]  # state keys of statistics only: another shape there resets them on load
     downsample: int  # image pixels per latent position
     latent_channels: int
 

@@ -122,6 +122,16 @@ def train(cfg: DictConfig) -> None:
             lock.release()
 
 
+def metrics_line(out: Path, trainer: DictConfig) -> str:
+    """Where the metrics are, or why there are none: Lightning logs every `log_every_n_steps` steps only."""
+    path = out / "metrics.csv"
+    if path.is_file():
+        return f"metrics: {path}"
+    every = trainer.get("log_every_n_steps", 50)
+    return (f"metrics: none written (no metrics.csv): the run logged no step; Lightning logs every "
+            f"trainer.log_every_n_steps={every} steps, so set it to at most trainer.max_steps for a short run")
+
+
 def _train(cfg: DictConfig, out: Path) -> None:
     from scalegen.build import build_module
     from scalegen.scaleout.distributed import generation_context, is_sharded, recover
@@ -172,4 +182,4 @@ def _train(cfg: DictConfig, out: Path) -> None:
             grid = module.save_class_grid(out / "samples" / "final.png" if trainer.is_global_zero else None)
     if trainer.is_global_zero:
         print(f"[scalegen] samples: {grid}\n[scalegen] checkpoints: {out / 'checkpoints'}\n"
-              f"[scalegen] metrics: {out / 'metrics.csv'}")
+              f"[scalegen] {metrics_line(out, cfg.trainer)}")

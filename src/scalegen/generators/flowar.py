@@ -4,6 +4,8 @@ The sequence is `[class token] ++ z_proj(input of scale 2) ++ ... ++ z_proj(inpu
 conditions the head at scale k. Two stacks of blocks ("encoder"/"decoder", MAR's names; nothing is masked) with a
 learnt position table before each and one after, RMSNorms with gains between them; both stacks live in one `blocks`
 list (the first `encoder_depth` are the encoder's), so activation checkpointing and FSDP wrap them as any backbone's.
+Its size knobs are every backbone's (`depth`, `width`, `num_heads`): `depth` counts the blocks of both stacks and is
+split evenly unless a stack's depth is given (`split_depth`), as the releases are symmetric (S 6+6, L 8+8, H 15+15).
 The block-causal mask in training and the KV cache in generation give the same numbers. Reference: FlowAR's models/flowar.py:164-449.
 """
 from __future__ import annotations
@@ -18,12 +20,36 @@ from scalegen.generators.rope import rope_table
 from scalegen.schedule.anyscale import own_or
 from scalegen.schedule.scales import ScaleSchedule
 
+DEFAULT_DEPTH = 12  # FlowAR-S: 6 encoder + 6 decoder blocks
+
+
+def split_depth(depth: int | None, encoder_depth: int | None = None, decoder_depth: int | None = None) -> tuple[int, int]:
+    """(encoder, decoder) block counts: the stacks given win, the rest of `depth` goes to the other stack, and with
+    neither given the encoder takes depth // 2 and the decoder the rest (depth 12/16/30 = FlowAR-S/L/H)."""
+    for key, value in (("depth", depth), ("encoder_depth", encoder_depth), ("decoder_depth", decoder_depth)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"backbone.{key}: {value!r} must be an integer >= 0")
+    if encoder_depth is not None and decoder_depth is not None:
+        if depth is not None and depth != encoder_depth + decoder_depth:
+            raise ValueError(f"backbone.depth {depth} != backbone.encoder_depth {encoder_depth} + backbone.decoder_depth "
+                             f"{decoder_depth}: set depth to their sum, or null one of them to derive it from depth")
+        return encoder_depth, decoder_depth
+    depth = DEFAULT_DEPTH if depth is None else depth
+    if encoder_depth is None and decoder_depth is None:
+        encoder_depth = depth // 2
+    given = encoder_depth if encoder_depth is not None else decoder_depth
+    if given > depth:
+        raise ValueError(f"backbone.depth {depth} is smaller than the stack depth given ({given}): raise depth")
+    other = depth - given
+    return (given, other) if encoder_depth is not None else (other, given)
+
 
 class FlowARTransformer(nn.Module):
     scale_free = False  # position tables and RoPE are laid out for the schedule it was built with
 
     def __init__(self, num_classes: int = 1000, token_dim: int = 16, scales: Sequence = (1, 2, 4, 8, 16),
-                 width: int = 768, encoder_depth: int = 6, decoder_depth: int = 6, num_heads: int = 12,
+                 width: int = 768, depth: int | None = None, num_heads: int = 12, encoder_depth: int | None = None,
+                 decoder_depth: int | None = None,
                  mlp_ratio: float = 4.0, attn_drop_rate: float = 0.0, proj_drop_rate: float = 0.0,
                  norm_eps: float = 1e-6, rope_grid: float = 16, rope_theta: float = 10000.0):
         super().__init__()
@@ -31,7 +57,8 @@ class FlowARTransformer(nn.Module):
             raise ValueError(f"backbone.width {width} is not divisible by backbone.num_heads {num_heads}")
         self.scales = ScaleSchedule.of(scales)
         self.num_classes, self.token_dim, self.width = num_classes, token_dim, width
-        self.encoder_depth = encoder_depth
+        encoder_depth, decoder_depth = split_depth(depth, encoder_depth, decoder_depth)
+        self.encoder_depth, self.depth = encoder_depth, encoder_depth + decoder_depth
         self.first_l = self.scales.token_counts[0]
         L = self.scales.num_tokens
 

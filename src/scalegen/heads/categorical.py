@@ -19,24 +19,33 @@ from scalegen.generators.attention import AdaLNBeforeHead
 
 @dataclass(frozen=True)
 class CategoricalOptions(HeadOptions):
-    """The categorical head's sampling options (config keys of the same names)."""
+    """The categorical head's sampling options (config keys of the same names); None: the head's own (head.top_k, ...)."""
 
-    top_k: int = 0  # 0: off
-    top_p: float = 0.0  # 0: off
-    more_smooth: bool = False  # Gumbel-soft codes: VAR's visualisation trick, never for FID
+    top_k: int | None = None  # 0: off
+    top_p: float | None = None  # 0: off
+    more_smooth: bool | None = None  # Gumbel-soft codes: VAR's visualisation trick, never for FID
 
     def __post_init__(self):
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k!r}: needs an integer >= 0 (0: off)")
-        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0.0 <= self.top_p <= 1.0:
-            raise ValueError(f"top_p={self.top_p!r}: needs a number in [0, 1] (0: off)")
-        if not isinstance(self.more_smooth, bool):
-            raise ValueError(f"more_smooth={self.more_smooth!r}: needs true or false")
+        check_sampling(self.top_k, self.top_p, self.more_smooth)
 
     def check_vocabulary(self, vocab_size: int) -> None:
-        if self.top_k > vocab_size:
-            raise ValueError(f"top_k={self.top_k}: above the vocabulary of {vocab_size} codes; use at most {vocab_size} "
-                             "(or 0: off)")
+        check_top_k(self.top_k, vocab_size)
+
+
+def check_sampling(top_k=None, top_p=None, more_smooth=None, prefix: str = "") -> None:
+    """Categorical sampling options that cannot work, named by their key (`prefix`: where they were set, e.g. "head.")."""
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+        raise ValueError(f"{prefix}top_k={top_k!r}: needs an integer >= 0 (0: off)")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 <= top_p <= 1.0):
+        raise ValueError(f"{prefix}top_p={top_p!r}: needs a number in [0, 1] (0: off)")
+    if more_smooth is not None and not isinstance(more_smooth, bool):
+        raise ValueError(f"{prefix}more_smooth={more_smooth!r}: needs true or false")
+
+
+def check_top_k(top_k: int | None, vocab_size: int, prefix: str = "") -> None:
+    if top_k is not None and top_k > vocab_size:
+        raise ValueError(f"{prefix}top_k={top_k}: above the vocabulary of {vocab_size} codes; use at most {vocab_size} "
+                         "(or 0: off)")
 
 
 class CategoricalHead(nn.Module):
@@ -45,9 +54,13 @@ class CategoricalHead(nn.Module):
     greedy_options = MappingProxyType({"top_k": 1})  # scales sampled greedily (FlexVAR's off-grid rule)
 
     def __init__(self, width: int, cond_dim: int, vocab_size: int, norm_eps: float = 1e-6, label_smoothing: float = 0.0,
-                 *, token_dim: int | None = None):
-        """`token_dim` is part of every head's construction contract (scalegen.build); indices need no latent width."""
+                 top_k: int = 0, top_p: float = 0.0, more_smooth: bool = False, *, token_dim: int | None = None):
+        """`token_dim` is part of every head's construction contract (scalegen.build); indices need no latent width.
+        top_k, top_p, more_smooth: its sampling defaults (sample.top_k, ... override them), so a head swap takes them."""
         super().__init__()
+        check_sampling(top_k, top_p, more_smooth, prefix="head.")
+        check_top_k(top_k, vocab_size, prefix="head.")
+        self.top_k, self.top_p, self.more_smooth = top_k, top_p, more_smooth
         self.vocab_size, self.label_smoothing = vocab_size, label_smoothing
         self.norm = AdaLNBeforeHead(width, cond_dim, norm_eps)
         self.proj = nn.Linear(width, vocab_size)
@@ -69,9 +82,12 @@ class CategoricalHead(nn.Module):
         logits = guidance(logits[:B], logits[B:])
         if inspect:
             inspect("logits_cfg", logits)
-        idx = sample_tokens(logits, options.top_k, options.top_p, generator)  # masks `logits` in place
+        top_k = self.top_k if options.top_k is None else options.top_k
+        top_p = self.top_p if options.top_p is None else options.top_p
+        smooth = self.more_smooth if options.more_smooth is None else options.more_smooth
+        idx = sample_tokens(logits, top_k, top_p, generator)  # masks `logits` in place
         ratio = guidance.ratio
-        soft = gumbel_soft(logits.mul(1 + ratio), smooth_tau(ratio), generator) if options.more_smooth else None
+        soft = gumbel_soft(logits.mul(1 + ratio), smooth_tau(ratio), generator) if smooth else None
         if inspect:
             inspect("logits_masked", logits)
             inspect("idx", idx)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,8 +196,21 @@ def load_tokenizer_weights(tokenizer: torch.nn.Module, path) -> None:
     kind = recognise_state(state, [k for k, r in RELEASES.items() if r.is_tokenizer])
     if kind is not None:
         state = _to_ours(RELEASES[kind], state, tokenizer)
+    keep_own_statistics(tokenizer, state, path)
     load_strict(tokenizer, state, f"tokenizer checkpoint {path}")
     tokenizer.eval().requires_grad_(False)
+
+
+def keep_own_statistics(tokenizer: torch.nn.Module, state: dict, path: str) -> None:
+    """Statistics of another scale list (a VQVAE's per-scale usage) do not change the weights: the tokenizer keeps
+    its own, reset, with a note, so a trained tokenizer loads under any schedule its weights allow."""
+    own = tokenizer.state_dict()
+    for key in type(tokenizer).statistics:
+        if key in state and key in own and state[key].shape != own[key].shape:
+            warnings.warn(f"tokenizer checkpoint {path}: {key} holds statistics of shape {tuple(state[key].shape)}, "
+                          f"this tokenizer's scales give {tuple(own[key].shape)}: reset (statistics only; the weights "
+                          "load)", stacklevel=2)
+            state[key] = torch.zeros_like(own[key])
 
 
 # ---- a generator release with its tokenizer ----------------------------------------------------------------------------
@@ -232,7 +246,18 @@ def load_pretrained(path, vae_path=None) -> Pretrained:
     if composition.token_dim != config["token_dim"]:
         raise ValueError(f"vae_ckpt: the {tok.title}'s latent has {composition.token_dim} channels, but {path} reads "
                          f"{config['token_dim']} ({rel.token_key}): give the tokenizer the model was trained with")
-    return Pretrained(tokenizer, generator, composition, rel.sampling(config))
+    return Pretrained(tokenizer, generator, composition, fit_vocabulary(rel.sampling(config), composition, rel, path))
+
+
+def fit_vocabulary(sample: dict, composition, rel: Release, path) -> dict:
+    """The release's default top-k is for its own codebook: above a smaller file's vocabulary it is clamped, with a
+    note (a top_k the user gives is still refused there, naming the limit)."""
+    top_k, vocab = sample.get("top_k"), composition.vocab_size
+    if isinstance(top_k, int) and isinstance(vocab, int) and top_k > vocab:
+        warnings.warn(f"{path}: the {rel.title} release's default top_k={top_k} is above this model's vocabulary of "
+                      f"{vocab} codes: sampling with top_k={vocab} (give top_k= to choose)", stacklevel=2)
+        sample = {**sample, "top_k": vocab}
+    return sample
 
 
 # ---- files: official <-> converted safetensors ------------------------------------------------------------------------

@@ -76,6 +76,7 @@ class FlexVAE(nn.Module):
     discrete = True
     residual = False  # each scale is quantised on its own: any scale list, any single scale decodes
     stochastic = False
+    statistics = ()
 
     def __init__(self, vocab_size: int = 8912, codebook_dim: int = 32, z_channels: int = 256, ch: int = 128,
                  ch_mult: Sequence[int] = (1, 1, 2, 2, 4), num_res_blocks: int = 2, dropout: float = 0.0,

@@ -115,6 +115,7 @@ class AutoencoderKL(nn.Module):
 
     discrete = False
     residual = False
+    statistics = ()
     stochastic = True  # encodes to a posterior: cached latents keep its moments and draw a fresh sample each step
 
     def __init__(self, embed_dim: int = 16, ch: int = 128, ch_mult: Sequence[int] = (1, 1, 2, 2, 4),

@@ -209,6 +209,7 @@ class MultiScaleVQVAE(nn.Module):
     discrete = True
     residual = True
     stochastic = False
+    statistics = ("quantize.usage_ema",)  # per-scale codebook usage: the weights load under another scale list
 
     def __init__(self, vocab_size: int = 4096, z_channels: int = 32, ch: int = 160, ch_mult: Sequence[int] = (1, 1, 2, 2, 4),
                  num_res_blocks: int = 2, dropout: float = 0.0, beta: float = 0.25, using_znorm: bool = False,
