@@ -84,3 +84,31 @@ def test_report_from_a_small_multirun(multirun):
 def test_report_of_a_folder_without_runs(tmp_path):
     with pytest.raises(FileNotFoundError, match="no run folders"):
         build_report(tmp_path)
+
+
+def test_params_come_from_the_checkpoint_without_run_stats(tmp_path):
+    """A run trained without callbacks=eval has no run_stats.json: the report counts the generator's parameters in
+    its checkpoint (the summary showed dashes before)."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from scalegen.eval.report import read_run
+    (tmp_path / "checkpoints").mkdir()
+    OmegaConf.save(OmegaConf.create({"model": {"name": "var"}}), tmp_path / "config.yaml")
+    state = {"generator.backbone.w": torch.zeros(3, 4), "generator.head.b": torch.zeros(5),
+             "ema.backbone.w": torch.zeros(3, 4), "tokenizer.conv": torch.zeros(7)}
+    torch.save({"state_dict": state}, tmp_path / "checkpoints" / "last.ckpt")
+    assert read_run(tmp_path).stats["params"] == 17
+
+
+def test_the_digits_classifier_shows_its_progress(monkeypatch):
+    """Its first training (minutes on a loaded machine) runs under a progress bar over its steps."""
+    seen = []
+
+    def track(steps, **kw):
+        seen.append((len(steps), kw.get("description")))
+        return steps
+
+    monkeypatch.setattr(digits, "track", track)
+    digits.train_classifier(steps=2, log=lambda *_: None)
+    assert seen == [(2, "[scalegen] digits classifier")]

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from rich.progress import track
 
 from scalegen.data import DigitsDataModule
 from scalegen.io import load_strict, save_safetensors
@@ -89,7 +90,7 @@ def train_classifier(steps: int = 300, batch_size: int = 64, lr: float = 3e-3, s
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     start = time.time()
     model.train()
-    for step in range(steps):
+    for step in track(range(steps), description="[scalegen] digits classifier", transient=True):
         idx = torch.randint(0, len(y_tr), (batch_size,), generator=g)
         x = x_tr[idx]
         # random shifts (background -1) and a little contrast jitter: generated digits are never pixel-aligned

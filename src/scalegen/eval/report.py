@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 # (column, where it comes from, format); `eval/x` = the last logged value of x
 COLUMNS = [("params", "stats:params", "params"), ("train wall time", "stats:train_wall_s", "seconds"),
            ("train images/s", "stats:train_images_per_s", "rate"), ("sample images/s", "eval/images_per_s", "rate"),
@@ -107,7 +109,20 @@ def read_run(path: Path) -> Run:
             run.rows += read_csv(csv_path)
     grid = path / "samples" / "final.png"
     run.grid = grid if grid.is_file() else None
+    if "params" not in run.stats:  # trained without callbacks=eval: the count is still in the checkpoint
+        params = checkpoint_params(path / "checkpoints" / "last.ckpt")
+        if params is not None:
+            run.stats["params"] = params
     return run
+
+
+def checkpoint_params(path: Path) -> int | None:
+    """The generator's parameter count from a training checkpoint (its state holds no generator buffers); None for a
+    missing file or a sharded folder."""
+    if not path.is_file():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
+    return sum(v.numel() for k, v in state.items() if k.startswith("generator."))
 
 
 def label_runs(runs: list[Run]) -> None:
