@@ -135,10 +135,15 @@ def test_flexvae_trains_on_random_scales_through_the_tokenizer_module(tmp_path):
         return sum(F.mse_loss(vae(x)[0], x).item() for x, _ in data) / len(data)
 
     before = mse()
-    L.Trainer(max_steps=40, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              enable_model_summary=False, default_root_dir=tmp_path).fit(module, data)
+    fit = L.Trainer(max_steps=40, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False, default_root_dir=tmp_path)
+    fit.fit(module, data)
     assert mse() < 0.7 * before
     assert vae.quantize.codebook_used.unique().numel() > 1  # the official usage window was filled in training
+    # codebook use is logged per scale each step quantised (by its token-map size), besides the official window
+    usage = {k: float(v) for k, v in fit.callback_metrics.items() if k.startswith("train/usage")}
+    assert {"train/usage", "train/usage_8x8"} <= set(usage) and "train/usage_s0" not in usage, sorted(usage)
+    assert all(0 < v <= 100 for v in usage.values())
 
 
 # ---- positions, schedules and generation -------------------------------------------------------------------------------

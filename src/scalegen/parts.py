@@ -27,6 +27,8 @@ class Tokenizer(Protocol):
 
     def encode(self, images: torch.Tensor) -> torch.Tensor: ...
 
+    def codebook_usage(self, stats: Any, sizes: list[tuple[int, int]]) -> dict[str, float]: ...  # training logs
+
     def decode(self, latent: torch.Tensor) -> torch.Tensor: ...
 
 

@@ -151,3 +151,11 @@ class FlexVAE(nn.Module):
             loss = loss + vq_loss / len(sizes)
             hits.append(idx.flatten().bincount(minlength=self.vocab_size).float())
         return (recons if len(recons) > 1 else recons[0]), loss, hits
+
+    def codebook_usage(self, hits: list[torch.Tensor], sizes: list[tuple[int, int]]) -> dict[str, float]:
+        """The official rolling usage over every scale (`usage`), and the share of the codebook each scale of this step
+        hit, by its token-map size (`usage_4x4`): each scale is quantised on its own, and a step draws its scales."""
+        out = {"usage": self.quantize.usage_percent()[0]}
+        for (h, w), row in zip(sizes, hits):
+            out[f"usage_{h}x{w}"] = (row > 0).float().mean().item() * 100
+        return out

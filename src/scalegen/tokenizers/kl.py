@@ -165,6 +165,9 @@ class AutoencoderKL(nn.Module):
         img = self.decode_unscaled(latent / self._scale())
         return img.clamp(-1, 1) if clamp else img
 
+    def codebook_usage(self, stats, sizes) -> dict[str, float]:
+        return {}  # continuous: no codebook
+
     def forward(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """Training (TokenizerModule): (unclamped reconstruction of a posterior sample, KL term, stats).
 

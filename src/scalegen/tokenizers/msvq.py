@@ -244,6 +244,11 @@ class MultiScaleVQVAE(nn.Module):
         f_hat, vq_loss, hits = self.quantize(self.encode(img))
         return self.decode(f_hat, clamp=False), vq_loss, hits
 
+    def codebook_usage(self, hits: list[torch.Tensor], sizes: list[tuple[int, int]]) -> dict[str, float]:
+        """Per scale of the schedule, the official `usages` (the finest scale's hits count every token of the step)."""
+        usage = self.quantize.usage_percent(int(hits[-1].sum().item()))
+        return {f"usage_s{k}": pct for k, pct in enumerate(usage)}
+
     # -- the seam used by the generator (see scalegen.schedule.residual) ---------------------------------------------
     def img_to_idx(self, img: torch.Tensor, scales=None) -> list[torch.Tensor]:
         return self.quantize.quantize(self.encode(img), scales)

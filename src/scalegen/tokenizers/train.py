@@ -124,11 +124,9 @@ class TokenizerModule(L.LightningModule):
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
         self.log("train/psnr", psnr(recon, img), prog_bar=True, batch_size=batch_size)
         self.log_dict({k: v.detach() for k, v in logs.items()}, batch_size=batch_size)
-        quantize = getattr(self.tokenizer, "quantize", None)
-        if hasattr(quantize, "usage_percent"):
-            # the finest scale's hits count every token of the step (already summed over ranks)
-            usage = quantize.usage_percent(int(stats[-1].sum().item()))
-            self.log_dict({f"train/usage_s{k}": pct for k, pct in enumerate(usage)}, batch_size=batch_size)
+        down = self.tokenizer.downsample  # each reconstruction's token-map size, coarse to fine
+        usage = self.tokenizer.codebook_usage(stats, [(r.shape[-2] // down, r.shape[-1] // down) for r in recons])
+        self.log_dict({f"train/{k}": pct for k, pct in usage.items()}, batch_size=batch_size)
         return loss if d_loss is None else loss + d_loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
