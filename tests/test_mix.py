@@ -104,6 +104,15 @@ def test_a_pairing_that_needs_a_companion_setting_names_it():
     check_generator_config(compose_cfg("model=flexvar", "head=flow", "composition=direct", "model.train_scales=null"))
 
 
+def test_a_companion_fix_names_what_it_needs_in_turn():
+    """FlexVAR's method on VAR's residual tokenizer: composition=residual alone would then refuse the random
+    training schedule, so the message names model.train_scales=null with it."""
+    with pytest.raises(ConfigError, match=r"composition=residual model\.train_scales=null"):
+        check_generator_config(compose_cfg("model=flexvar", "tokenizer=msvq_digits"))
+    check_generator_config(compose_cfg("model=flexvar", "tokenizer=msvq_digits", "composition=residual",
+                                       "model.train_scales=null", "backbone=adaln"))
+
+
 def test_a_trained_vq_tokenizer_loads_under_another_scale_list(tmp_path):
     """VAR's tokenizer trained on [1, 2, 3, 4, 6, 8] under FlowAR's doubling scales: its per-scale usage statistics
     (6 rows, 4 wanted) are reset with a note; every weight loads."""

@@ -179,7 +179,7 @@ def check_generator_config(cfg: DictConfig) -> None:
                           group="composition")
     comp = composition_name(comp_cls)
     check_optimizer(cfg.model)
-    fix = pairing_fix(tok_cls, head_cls)
+    fix = pairing_fix(tok_cls, head_cls, random_schedule=cfg.model.get("train_scales") is not None)
     why = comp_cls.incompatible(tok_cls)  # the part interfaces are declared: scalegen.parts
     if why:
         raise ConfigError(f"model.composition={comp}: {why}; {fix}")
@@ -219,18 +219,20 @@ TOKENIZERS = {"residual": "msvq_digits (or msvq_var)", "single-scale VQ": "flexv
               "continuous": "kl_digits (or kl16)"}
 
 
-def pairing_fix(tok_cls: type, head_cls: type) -> str:
+def pairing_fix(tok_cls: type, head_cls: type, random_schedule: bool = False) -> str:
     """The overrides that make a tokenizer and a head compose (named in every pairing refusal): a categorical head
     needs code indices (a residual quantizer with composition=residual, a single-scale VQ with direct_vq), a flow
-    head regresses latents (composition=direct, any tokenizer)."""
+    head regresses latents (composition=direct, any tokenizer). With a random schedule per step (FlexVAR's
+    model.train_scales), the residual composition, tied to its schedule, also needs model.train_scales=null."""
     flow = "head=flow with composition=direct"
+    residual = "composition=residual" + (" model.train_scales=null" if random_schedule else "")
     if not head_cls.needs_discrete:
         return "use composition=direct (any tokenizer's latent)"
     if tok_cls.residual:
-        return f"use composition=residual, or {flow}"
+        return f"use {residual}, or {flow}"
     if tok_cls.discrete:
         return f"use composition=direct_vq, or {flow}"
-    return (f"use tokenizer={TOKENIZERS['residual']} with composition=residual, tokenizer={TOKENIZERS['single-scale VQ']} "
+    return (f"use tokenizer={TOKENIZERS['residual']} with {residual}, tokenizer={TOKENIZERS['single-scale VQ']} "
             f"with composition=direct_vq, or {flow}")
 
 
