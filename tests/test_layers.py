@@ -21,9 +21,9 @@ LAYERS: list[tuple[str, ...]] = [
     ("parts", "tokenizers", "generators", "heads"),  # the part interfaces and the parts
     ("generation", "official", "data"),  # the loop over parts, the official releases, data modules
     ("scaleout.distributed", "scaleout.dcp_metadata", "scaleout.slurm", "tokenizers.train", "eval.metrics",
-     "eval.classifier"),
+     "eval.classifier", "eval.fits"),
     ("training",),  # the generator LightningModule, the run folder (lock, metrics, final checkpoint)
-    ("build", "eval.callback"),  # config -> objects (the only Hydra reader of the library), the eval callback
+    ("build", "eval.callback", "eval.flops"),  # config -> objects (the only Hydra reader), the eval callback, FLOP counts
     ("pretrained", "tokenizers.latent_stats", "eval.report"),  # loading checkpoints; measuring; reporting
     ("commands", "scaleout.cache_latents", "scaleout.consolidate"),  # what users run
 ]

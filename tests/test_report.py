@@ -24,7 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 def multirun(tmp_path_factory) -> Path:
     classifier, _ = digits.ensure_classifier(tmp_path_factory.getbasetemp() / digits.FILE_NAME)  # shared, trained once
     root = tmp_path_factory.mktemp("multirun") / "sweep"
-    cmd = [sys.executable, "train.py", "-m", "experiment=compare", "backbone.depth=1,2", "backbone.width=32",
+    cmd = [sys.executable, "train.py", "-m", "experiment=compare", "budget.kind=steps", "budget.value=null",
+           "backbone.depth=1,2", "backbone.width=32",
            "backbone.num_heads=2", "trainer.max_steps=2", "tokenizer_training.max_steps=2", "data.batch_size=8",
            "trainer.log_every_n_steps=1", "sample.per_class=2", "callbacks.eval.every_n_steps=1",
            "callbacks.eval.per_class=2", "callbacks.eval.kid_subset_size=10", f"callbacks.eval.classifier={classifier}",

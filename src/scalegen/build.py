@@ -61,7 +61,7 @@ COMPOSITION_DERIVED = ("tokenizer", "scales")
 
 # the top-level keys a run reads; `extra` is the free namespace for your own keys (sweep tags, notes), read by nothing
 RUN_KEYS = ("data", "tokenizer", "backbone", "head", "model", "trainer", "logger", "callbacks", "scales", "task", "seed",
-            "tokenizer_ckpt", "init_from", "resume", "resume_changes", "max_nonfinite", "guard", "activation_checkpointing", "tokenizer_training",
+            "tokenizer_ckpt", "init_from", "resume", "resume_changes", "max_nonfinite", "guard", "activation_checkpointing", "budget", "tokenizer_training",
             "sample", "hydra", "output_dir", "extra")
 MODEL_KEYS = ("name", "cond_drop_rate", "ema_decay", "init", "optimizer", "lr_schedule", "composition", "train_scales")
 TRAINER_DERIVED = ("default_root_dir", "callbacks", "plugins", "logger")
@@ -97,6 +97,7 @@ def check_run_config(cfg: DictConfig) -> None:
     if not _integer(cfg.get("max_nonfinite", 5), 1):
         raise ConfigError(f"max_nonfinite: {cfg.max_nonfinite!r} must be an integer >= 1")
     check_trainer(cfg.trainer)
+    check_budget(cfg)
     if cfg.get("tokenizer_training") is not None:
         module = get_class("scalegen.tokenizers.train.TokenizerModule")
         _unknown(cfg.tokenizer_training, "tokenizer_training.",
@@ -105,6 +106,37 @@ def check_run_config(cfg: DictConfig) -> None:
         for name, node in (cfg.get(group) or {}).items():
             if node is not None:
                 check_node(node, f"{group}.{name}")
+
+
+BUDGET_KINDS = ("steps", "images", "flops", "time")  # what `budget.value` counts (commands/train.py derives max_steps)
+BUDGET_UNITS = {"steps": "optimizer steps", "images": "training images seen, all devices",
+                "flops": "training FLOPs", "time": "seconds of training"}
+BUDGET_EXAMPLES = {"steps": "1000", "images": "1e6", "flops": "1e15", "time": "3600"}
+
+
+def check_budget(cfg: DictConfig) -> None:
+    """budget: {kind, value}; a kind other than steps needs a positive value; the generator's training only."""
+    node = cfg.get("budget")
+    if node is None:
+        return
+    _unknown(node, "budget.", ("kind", "value"))
+    kind, value = node.get("kind", "steps"), node.get("value")
+    if kind not in BUDGET_KINDS:
+        raise ConfigError(f"budget.kind: {kind!r} is not one of {list(BUDGET_KINDS)}")
+    if cfg.get("task") == "tokenizer" and (kind != "steps" or value is not None):
+        raise ConfigError(f"budget.kind={kind} budget.value={value}: a budget sets the generator's training; "
+                          "task=tokenizer trains for tokenizer_training.max_steps (set that, with budget.kind=steps "
+                          "budget.value=null)")
+    if value is None:
+        if kind != "steps":
+            raise ConfigError(f"budget.value: budget.kind={kind} needs a value ({BUDGET_UNITS[kind]}), e.g. "
+                              f"budget.value={BUDGET_EXAMPLES[kind]}")
+        return
+    if kind == "steps" and not _integer(value, 1):
+        raise ConfigError(f"budget.value: {value!r} must be an integer >= 1 (optimizer steps), or null for "
+                          "trainer.max_steps")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigError(f"budget.value: {value!r} must be a number > 0 ({BUDGET_UNITS[kind]})")
 
 
 def check_trainer(node: DictConfig) -> None:

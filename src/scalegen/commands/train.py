@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import warnings
+from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
@@ -122,6 +123,55 @@ def train(cfg: DictConfig) -> None:
             lock.release()
 
 
+def derive_max_steps(kind: str, value, max_steps: int, flops_per_step: int, images_per_step: int) -> int:
+    """The optimizer steps a budget buys: all of it that whole steps can spend (never more). steps: value (null:
+    trainer.max_steps); flops: value / training FLOPs per step; images: value / images per step (batch x devices x
+    accumulation); time: trainer.max_steps, the LR schedule's horizon (trainer.max_time stops the run)."""
+    if kind in ("steps", "time"):
+        return max_steps if value is None or kind == "time" else int(value)
+    per = flops_per_step if kind == "flops" else images_per_step
+    steps = int(value // per)
+    if steps < 1:
+        raise ConfigError(f"budget.value: {value:g} {kind} is less than one training step ({per:g} {kind} per step); "
+                          f"raise it to at least {per:g}, or lower data.batch_size")
+    return steps
+
+
+def first_sample(data):
+    """One training sample of the run's data, as a batch of one (read through the loader's own sampler, dataset and
+    collation: no worker starts and no random state moves)."""
+    loader = data.train_dataloader()
+    return loader.collate_fn([loader.dataset[next(iter(loader.sampler))]])
+
+
+def account(cfg: DictConfig, module, data, trainer: L.Trainer, kind: str, value) -> None:
+    """Count the run's compute on its real shapes before training (one sample's forward and backward, one image
+    drawn with the run's sampling settings; scalegen.eval.flops), turn the budget into trainer max_steps, print
+    both in one line and hand them to TrainingStats (run_stats.json, perf/train_flops, perf/images_seen)."""
+    from scalegen.eval.callback import TrainingStats
+    from scalegen.eval.flops import parameter_counts, sampling_flops_per_image, training_flops_per_step
+    with torch.random.fork_rng(devices=[]):  # a sampler without its own generator would draw from the global one
+        sample = first_sample(data)
+    per_image = training_flops_per_step(module, sample)
+    batch, world, accumulate = cfg.data.batch_size, trainer.world_size, trainer.accumulate_grad_batches
+    per_step = per_image * batch * world * accumulate
+    steps = derive_max_steps(kind, value, trainer.max_steps, per_step, batch * world * accumulate)
+    trainer.fit_loop.epoch_loop.max_steps = steps  # what Trainer(max_steps=) sets; the LR schedule reads it at fit
+    record = {**parameter_counts(module), "train_flops_per_step": per_step,
+              "sample_flops_per_image": sampling_flops_per_image(module),
+              "budget": {"kind": kind, "value": value, "max_steps": steps}}
+    for callback in trainer.callbacks:
+        if isinstance(callback, TrainingStats):
+            callback.set_compute(per_image, record)
+    unit = {"steps": "steps", "images": "images", "flops": "training FLOPs", "time": "s (trainer.max_time)"}[kind]
+    limit = f"{value:g} {unit}" if value is not None else f"trainer.max_steps={trainer.max_steps}"
+    print(f"[scalegen] budget {limit}: max_steps={steps}; {per_step:.4g} training FLOPs per step "
+          f"({batch} x {world} device(s) x {accumulate} accumulated, tokenizer encode "
+          f"{'included' if isinstance(sample, (list, tuple)) else 'cached'}), {record['sample_flops_per_image']:.4g} "
+          f"FLOPs per sampled image; generator {record['params_generator']:,} parameters, tokenizer "
+          f"{record['params_tokenizer']:,}")
+
+
 def metrics_line(out: Path, trainer: DictConfig) -> str:
     """Where the metrics are, or why there are none: Lightning logs every `log_every_n_steps` steps only."""
     path = out / "metrics.csv"
@@ -172,7 +222,10 @@ def _train(cfg: DictConfig, out: Path) -> None:
     module = build_module(cfg, data.num_classes, tok_ckpt)
     if init_from and not resume_from:  # a resumed run continues from its own checkpoint
         init_generator(module, str(init_from))
-    trainer = make_trainer(cfg.trainer, out, cfg)
+    budget = (cfg.get("budget") or {}).get("kind", "steps"), (cfg.get("budget") or {}).get("value")
+    extra = {"max_time": timedelta(seconds=budget[1])} if budget[0] == "time" else {}
+    trainer = make_trainer(cfg.trainer, out, cfg, **extra)
+    account(cfg, module, data, trainer, *budget)
     if resume_from:
         print(f"[scalegen] resuming from {resume_from}")
     trainer.fit(module, datamodule=data, ckpt_path=resume_from)

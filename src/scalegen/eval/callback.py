@@ -178,17 +178,28 @@ def _fmt(metrics: dict) -> str:
 
 
 class TrainingStats(L.Callback):
-    """Training wall time, throughput (images/s in the training steps, evaluation and validation left out) and the
-    number of trained parameters: logged as `perf/*` and written to `<run>/run_stats.json` at the end, with the
-    count of unreadable images skipped (also logged as `data/skipped_images`). Totals carry over a resume (they are
-    in the checkpoint; the skipped count in the data module's state)."""
+    """Training wall time, throughput (images/s of training, evaluation and validation left out), parameters and
+    compute: written to `<run>/run_stats.json` at the end of fit, `perf/train_flops` and `perf/images_seen` logged
+    every `log_every_n_steps` steps, with the count of unreadable images skipped (`data/skipped_images`). Totals
+    carry over a resume (they are in the checkpoint; the skipped count in the data module's state).
+
+    Time is taken with perf_counter over logging intervals, the device synchronised only at their ends (and around
+    validation), so no training step waits for the host. The run's compute record (FLOPs per step and per sampled
+    image, parameter counts, budget) is given by `set_compute` before training (scalegen.commands.train)."""
 
     def __init__(self, filename: str = "run_stats.json"):
         self.filename = filename
         self.wall_s = self.step_s = 0.0
         self.images = 0
-        self._fit_start = self._batch_start = None
-        self._eval_at_start = 0.0
+        self.flops_per_image = 0  # training FLOPs of one image (forward + backward; linear in the batch)
+        self.compute: dict = {}
+        self._fit_start = self._mark = self._val_start = self._trainer = None
+        self._val_s, self._last_boundary = 0.0, -1
+
+    def set_compute(self, flops_per_image: int, record: dict) -> None:
+        """The run's compute: training FLOPs per image, and what run_stats.json records of it (params_generator,
+        params_tokenizer, train_flops_per_step, sample_flops_per_image, budget)."""
+        self.flops_per_image, self.compute = flops_per_image, dict(record)
 
     @staticmethod
     def _eval_seconds(trainer) -> float:
@@ -199,23 +210,59 @@ class TrainingStats(L.Callback):
         if trainer.strategy.root_device.type == "cuda":
             torch.cuda.synchronize(trainer.strategy.root_device)
 
-    def on_fit_start(self, trainer, pl_module) -> None:
-        self._fit_start = time.perf_counter()
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+    def _open(self, trainer) -> None:
         self._sync(trainer)
-        self._batch_start, self._eval_at_start = time.perf_counter(), self._eval_seconds(trainer)
+        self._mark = (time.perf_counter(), self._eval_seconds(trainer), self._val_s)
+
+    def _elapsed(self, trainer) -> float:
+        """Training seconds since the last boundary: its wall time less the evaluation and validation inside it."""
+        if self._mark is None:
+            return 0.0
+        start, eval_s, val_s = self._mark
+        return time.perf_counter() - start - (self._eval_seconds(trainer) - eval_s) - (self._val_s - val_s)
+
+    def _close(self, trainer) -> None:
+        self._sync(trainer)
+        self.step_s += self._elapsed(trainer)
+        self._mark = None
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._fit_start, self._trainer = time.perf_counter(), trainer  # the trainer: for state_dict's open interval
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._open(trainer)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self._sync(trainer)
+            self._val_start = time.perf_counter()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self._val_start is not None:
+            self._sync(trainer)
+            self._val_s += time.perf_counter() - self._val_start
+            self._val_start = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         from lightning.pytorch.utilities.data import extract_batch_size
-        self._sync(trainer)
-        # an evaluation inside this batch's hooks (callback order) is not training time
-        self.step_s += time.perf_counter() - self._batch_start - (self._eval_seconds(trainer) - self._eval_at_start)
         self.images += extract_batch_size(batch) * trainer.world_size
-        if trainer.global_step % max(trainer.log_every_n_steps, 1) == 0:  # the same step on every rank (a reduce)
-            skipped = self._skipped(trainer)
-            if skipped is not None:
-                pl_module.log("data/skipped_images", float(skipped), on_step=True, on_epoch=False)
+        step = trainer.global_step
+        if step % max(trainer.log_every_n_steps, 1) or step == self._last_boundary:
+            return
+        self._last_boundary = step  # the same step on every rank (the skipped count is a reduce)
+        self._close(trainer)
+        self._open(trainer)
+        pl_module.log("perf/images_seen", float(self.images), on_step=True, on_epoch=False)
+        if self.flops_per_image:
+            pl_module.log("perf/train_flops", float(self.train_flops), on_step=True, on_epoch=False)
+        skipped = self._skipped(trainer)
+        if skipped is not None:
+            pl_module.log("data/skipped_images", float(skipped), on_step=True, on_epoch=False)
+
+    @property
+    def train_flops(self) -> int:
+        """Training FLOPs so far, all devices (each image seen costs the same: FLOPs are linear in the batch)."""
+        return self.images * self.flops_per_image
 
     @staticmethod
     def _skipped(trainer) -> int | None:
@@ -226,20 +273,27 @@ class TrainingStats(L.Callback):
         total = torch.tensor(float(local), device=trainer.strategy.root_device)
         return int(trainer.strategy.reduce(total, reduce_op="sum").item())
 
-    def _totals(self) -> dict:
+    def _totals(self, trainer=None) -> dict:
+        """The totals so far; the open interval without a device sync (a checkpoint save syncs anyway)."""
         wall = self.wall_s + (time.perf_counter() - self._fit_start if self._fit_start else 0.0)
-        return {"train_wall_s": wall, "train_step_s": self.step_s, "train_images": self.images}
+        step_s = self.step_s + (self._elapsed(trainer) if trainer is not None else 0.0)
+        return {"train_wall_s": wall, "train_step_s": step_s, "train_images": self.images}
 
-    def on_train_end(self, trainer, pl_module) -> None:
+    def on_fit_end(self, trainer, pl_module) -> None:
+        """After every callback's on_train_end: the final evaluation is in eval_s and the wall time."""
+        self._close(trainer)
         totals = self._totals()
         stats = {"params": sum(p.numel() for p in pl_module.parameters() if p.requires_grad),
                  "params_frozen": sum(p.numel() for n, p in pl_module.named_parameters()
                                       if not p.requires_grad and not n.startswith("ema.")),
                  "steps": trainer.global_step, **totals,
                  "train_images_per_s": totals["train_images"] / max(totals["train_step_s"], 1e-9),
-                 "eval_s": self._eval_seconds(trainer), "world_size": trainer.world_size,
+                 "eval_s": self._eval_seconds(trainer), "validation_s": self._val_s, "world_size": trainer.world_size,
                  "skipped_images": self._skipped(trainer),
-                 "device": str(trainer.strategy.root_device), "precision": str(trainer.precision)}
+                 "device": str(trainer.strategy.root_device), "precision": str(trainer.precision),
+                 "images_seen": self.images}
+        if self.compute:
+            stats.update(self.compute, train_flops=self.train_flops)
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics({"perf/train_images_per_s": stats["train_images_per_s"],
@@ -247,8 +301,8 @@ class TrainingStats(L.Callback):
             (Path(trainer.default_root_dir) / self.filename).write_text(json.dumps(stats, indent=1))
 
     def state_dict(self) -> dict:
-        totals = self._totals()
-        return {"wall_s": totals["train_wall_s"], "step_s": self.step_s, "images": self.images}
+        totals = self._totals(self._trainer)
+        return {"wall_s": totals["train_wall_s"], "step_s": totals["train_step_s"], "images": self.images}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.wall_s, self.step_s, self.images = state_dict["wall_s"], state_dict["step_s"], state_dict["images"]
