@@ -20,6 +20,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("schedule", "generation.guidance", "generation.options"),  # value types: schedules, compositions, guidance, options
     ("parts", "tokenizers", "generators", "heads"),  # the part interfaces and the parts
     ("generation", "official", "data"),  # the loop over parts, the official releases, data modules
+    ("eval.bootstrap",),  # error bars: intervals and differences from features or values (numpy/torch only)
     ("scaleout.distributed", "scaleout.dcp_metadata", "scaleout.slurm", "tokenizers.train", "eval.metrics",
      "eval.classifier"),
     ("training",),  # the generator LightningModule, the run folder (lock, metrics, final checkpoint)
