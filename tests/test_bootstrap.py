@@ -9,8 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from scalegen.eval.bootstrap import (FidReplicates, difference_from_replicates, percentile_interval, prc_hits,
-                                     replicates, seed_interval, significant, welch_interval)
+from scalegen.eval.bootstrap import (
+    FidReplicates,
+    difference_from_replicates,
+    percentile_interval,
+    prc_hits,
+    replicates,
+    seed_interval,
+    significant,
+    welch_interval,
+)
 
 D = 6
 

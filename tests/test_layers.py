@@ -20,9 +20,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("schedule", "generation.guidance", "generation.options"),  # value types: schedules, compositions, guidance, options
     ("parts", "tokenizers", "generators", "heads"),  # the part interfaces and the parts
     ("generation", "official", "data"),  # the loop over parts, the official releases, data modules
-    ("eval.bootstrap",),  # error bars: intervals and differences from features or values (numpy/torch only)
     ("scaleout.distributed", "scaleout.dcp_metadata", "scaleout.slurm", "tokenizers.train", "eval.metrics",
-     "eval.classifier"),
+     "eval.classifier", "eval.bootstrap"),
     ("training",),  # the generator LightningModule, the run folder (lock, metrics, final checkpoint)
     ("build", "eval.callback"),  # config -> objects (the only Hydra reader of the library), the eval callback
     ("pretrained", "tokenizers.latent_stats", "eval.report"),  # loading checkpoints; measuring; reporting
