@@ -189,3 +189,27 @@ def test_evaluate_tokenizer_of_a_perfect_tokenizer_and_its_report_row(tmp_path):
     row, = md_table(md, "run", having="PSNR (dB)")
     assert row["PSNR (dB)"] == "31.23" and row["SSIM"] == "1.0000" and row["rFID"] == "1.50"
     assert row["codebook use per scale (%)"] == "50 / 12" and row["LPIPS"] == "—"
+
+
+def test_a_trained_tokenizer_is_evaluated_on_the_validation_split(tmp_path):
+    """evaluate_run_tokenizer, as train.py calls it after the tokenizer stage: a real multi-scale VQ on a datamodule's
+    val batches, one codebook share per scale, and the PSNR the training module's own formula gives."""
+    from types import SimpleNamespace
+
+    from conftest import tiny_vq
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from scalegen.eval.tokenizer_eval import evaluate_run_tokenizer
+    from scalegen.tokenizers.train import psnr as train_psnr
+    torch.manual_seed(0)
+    images = torch.rand(12, 3, 8, 8) * 2 - 1
+    data = SimpleNamespace(val_dataloader=lambda: DataLoader(TensorDataset(images, torch.zeros(12)), batch_size=12))
+    tok = tiny_vq().eval()
+    stats = json.loads(evaluate_run_tokenizer(tok, data, tmp_path).read_text())
+    assert stats["images"] == 12 and list(stats["codebook_usage"]) == ["s0", "s1", "s2"]
+    assert all(0 < v <= 100 for v in stats["codebook_usage"].values())
+    with torch.no_grad():
+        recon = tok(images)[0].clamp(-1, 1)
+    assert stats["psnr"] == pytest.approx(train_psnr(recon, images).item(), rel=1e-4) and -1 < stats["ssim"] < 1
+    latents = SimpleNamespace(val_dataloader=lambda: [{"latent": torch.zeros(2, 4, 2, 2)}])
+    assert evaluate_run_tokenizer(tok, latents, tmp_path / "none") is None  # cached latents: nothing to reconstruct

@@ -106,3 +106,29 @@ def tokenizer_table(rows: list[tuple[str, dict]]) -> tuple[list[str], list[list[
                      f(s.get("rfid"), ".2f"), f(s.get("lpips"), ".4f"),
                      " / ".join(f"{v:.0f}" for v in usage.values()) or "—"])
     return head, body
+
+
+def evaluate_run_tokenizer(tokenizer: torch.nn.Module, data, folder: str | Path, *, feature_extractor: str | None = None,
+                           weights: str | None = None, cache_dir: str | None = None,
+                           perceptual_weights: str | None = None) -> Path | None:
+    """At the end of tokenizer training: the validation split of `data` (a datamodule), rFID in `feature_extractor`'s
+    space (None: no rFID), LPIPS when `perceptual_weights` is a local file; written to `folder`/tokenizer_stats.json.
+    A datamodule without image batches (cached latents) has nothing to reconstruct: None."""
+    batches = data.val_dataloader()
+    first = next(iter(batches), None)
+    if not isinstance(first, (list, tuple)) or not torch.is_tensor(first[0]) or first[0].dim() != 4:
+        return None
+    evaluator = None
+    if feature_extractor is not None:
+        from scalegen.eval.metrics import reference_from_images
+        empty = reference_from_images(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), "unused")  # features only
+        evaluator = Evaluator(empty, ["fid"], feature_extractor, weights=weights, cache_dir=cache_dir)
+    perceptual = None
+    if perceptual_weights:
+        from scalegen.tokenizers.losses import Perceptual
+        perceptual = Perceptual(perceptual_weights).to(next(tokenizer.parameters()).device)
+    stats = evaluate_tokenizer(tokenizer, batches, evaluator, perceptual)
+    path = write(stats, folder)
+    print(f"[scalegen] tokenizer on the validation split: PSNR {stats['psnr']:.2f} dB, SSIM {stats['ssim']:.4f}"
+          + (f", rFID {stats['rfid']:.2f}" if stats["rfid"] is not None else "") + f" -> {path}")
+    return path
