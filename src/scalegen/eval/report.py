@@ -194,9 +194,6 @@ def scaling_section(runs: list[Run], out: Path) -> Section | None:
              f"the interval is the exponent's {CONFIDENCE:.0%} t interval. Final loss: "
              + " / ".join({"val/loss": "the last validation loss", "train/loss": "the mean of the last 5 logged "
                            "training losses"}[w] for w in which) + "."]
-    notes += [f"{f.method}: {QUANTITY_NAMES[f.quantity]} ∝ {AXIS_NAMES[f.axis]}^{f.fit.exponent:.3f}" + (
-              "" if math.isnan(f.fit.exponent_low) else f" [{f.fit.exponent_low:.3f}, {f.fit.exponent_high:.3f}]")
-              for f in fits]
     return "Scaling", notes, [fit_table(fits, CONFIDENCE)], plot_scaling(points, fits, out / "scaling")
 
 
@@ -222,10 +219,6 @@ def cell_of(values: dict, key: str, kind: str) -> str:
     text = fmt(values.get(key), kind)
     low, high = values.get(f"{key}_low"), values.get(f"{key}_high")
     return text if low is None or high is None or text == "—" else f"{text} [{fmt(low, kind)}, {fmt(high, kind)}]"
-
-
-QUANTITY_NAMES = {"loss": "final loss", "fid": "FID"}
-AXIS_NAMES = {"params": "params", "train_flops": "training FLOPs"}
 
 
 def render_md(section: Section, rel) -> list[str]:
