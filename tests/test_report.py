@@ -49,28 +49,35 @@ def test_report_from_a_small_multirun(multirun):
 
     lines = [l for l in md.splitlines() if l.startswith("| ")]
     head = [c.strip() for c in lines[0].strip("|").split("|")]
-    assert head == ["run", "method", "params", "train wall time", "train images/s", "sample images/s", "FID", "KID",
-                    "precision", "recall", "class acc", "config diff vs the first run"]
+    assert head == ["run", "method", "params", "tokenizer params", "train FLOPs", "images seen", "train wall time",
+                    "train images/s", "sample images/s", "sample FLOPs/image", "FID", "KID", "precision", "recall",
+                    "class acc", "config diff vs the first run"]
     rows = {r[0]: dict(zip(head, r)) for r in ([c.strip() for c in l.strip("|").split("|")] for l in lines[1:4])}
     assert list(rows) == ["backbone.depth=1", "backbone.depth=2", "real val images (20)"]
     for run, label in zip(runs, ["backbone.depth=1", "backbone.depth=2"]):
         stats = json.loads((run / "run_stats.json").read_text())
         row = rows[label]
         assert row["method"] == "var"
-        assert row["params"] == f"{stats['params']:,}"  # under 100k: written out in full
-        assert row["FID"] == f"{last(run, 'eval/fid'):.2f}" and row["KID"] == f"{last(run, 'eval/kid'):.4f}"
-        assert row["class acc"] == f"{last(run, 'eval/class_acc'):.3f}"
+        assert row["params"] == f"{stats.get('params_generator', stats['params']):,}"  # under 100k: in full
+        # each metric with its bootstrap interval (callbacks.eval.bootstrap)
+        assert row["FID"] == f"{last(run, 'eval/fid'):.2f} [{last(run, 'eval/fid_low'):.2f}, {last(run, 'eval/fid_high'):.2f}]"
+        assert row["KID"].startswith(f"{last(run, 'eval/kid'):.4f} [")
+        assert row["class acc"].startswith(f"{last(run, 'eval/class_acc'):.3f} [")
+        assert json.loads((run / "eval_bootstrap.json").read_text())["replicates"]["fid"]
+        tok = json.loads((run / "tokenizer" / "tokenizer_stats.json").read_text())
+        assert tok["images"] > 0 and tok["rfid"] >= 0 and tok["psnr"] > 0
         assert row["sample images/s"] == f"{last(run, 'eval/images_per_s'):.1f}"
         assert row["train wall time"].endswith(" s") and float(row["train images/s"]) > 0
     assert int(rows["backbone.depth=2"]["params"].replace(",", "")) > int(rows["backbone.depth=1"]["params"].replace(",", ""))
     assert rows["backbone.depth=1"]["config diff vs the first run"] == "(first run)"
     assert rows["backbone.depth=2"]["config diff vs the first run"] == "backbone.depth: 2 (first: 1)"
     real = json.loads((runs[0] / "eval_reference.json").read_text())["metrics"]
-    assert rows["real val images (20)"]["class acc"] == f"{real['class_acc']:.3f}"
+    assert rows["real val images (20)"]["class acc"].startswith(f"{real['class_acc']:.3f}")
+    assert "## Tokenizers: reconstruction of the validation split" in md and "## Error bars and differences" in md
 
     # every picture the pages point to exists and is a PNG: grids side by side, curves, the one-picture summary
     html = (out / "report.html").read_text()
-    assert "<table>" in html and html.count("<tr>") == 4
+    assert "<table>" in html and html.split("</table>")[0].count("<tr>") == 4  # the main table; sections follow
     for page in (md, html):
         images = re.findall(r"\]\(([^)]+\.png)\)", page) + re.findall(r"src='([^']+\.png)'", page)
         assert {"curves/train_loss.png", "curves/eval_fid.png", "curves/eval_class_acc.png"} <= set(images)

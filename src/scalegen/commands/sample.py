@@ -140,6 +140,7 @@ def sample_to_folder(cfg: DictConfig) -> Path:
     opts = sampling_options(cfg)
     options = module.sampling_options(**opts)  # a key this model's head does not take is refused before any drawing
     options, hook = edit_options(cfg, module, options)  # `scales` checked before any drawing; image-to-image (`edit`)
+    evaluator = sample_evaluator(cfg, module.config or {}, len(labels))  # every metric check before any drawing
     out = Path(cfg.out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     check_manifest(out, {"ckpt": str(resolve_path(cfg.ckpt)), "vae_ckpt": resolve_path(cfg.vae_ckpt),
@@ -155,13 +156,15 @@ def sample_to_folder(cfg: DictConfig) -> Path:
     if skipped:
         print(f"[scalegen] {tag}{skipped} images already on disk, {sum(b - a for a, b in todo)} to draw")
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-    start_time, drawn = time.perf_counter(), 0
+    start_time, drawn, seconds = time.perf_counter(), 0, 0.0
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                   TimeRemainingColumn()) as progress:
         task = progress.add_task(f"{tag}sampling", total=sum(b - a for a, b in todo))
         for a, b in todo:
+            t = time.perf_counter()
             chunk = generate_chunk(module, labels[a:b], a, cfg.seed, cfg.use_ema, options=options, constrain=hook)
-            images = to_uint8(chunk)
+            images = to_uint8(chunk)  # on the CPU: the device is done with the chunk
+            seconds += time.perf_counter() - t
             for i, img in zip(range(a, b), images):
                 path = out / "images" / image_name(i, labels[i])
                 if not path.exists():
@@ -178,7 +181,70 @@ def sample_to_folder(cfg: DictConfig) -> Path:
     per_row = len(labels) // len(set(labels)) if cfg.labels is None else 10
     pack(out, labels, per_row)
     print(f"[scalegen] wrote {len(labels)} images, {out / 'grid.png'} and {out / 'samples.npz'}")
+    write_sample_stats(cfg, module, options, opts, labels, out, drawn / seconds if drawn else None, num_shards,
+                       evaluator)
     return out
+
+
+def write_sample_stats(cfg: DictConfig, module, options, opts: dict, labels: Sequence[int], out: Path,
+                       images_per_s: float | None, num_shards: int, evaluator=None) -> Path:
+    """sample_stats.json, one point of the report's speed–quality frontier: the settings, images/s of the generation
+    (this process; PNG writing left out), sampling FLOPs per image, and the `eval.metrics` of the images."""
+    from scalegen.eval.flops import sampling_flops_per_image
+    path = out / "sample_stats.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    config = module.config or {}
+    stats = {"ckpt": str(resolve_path(cfg.ckpt)), "method": (config.get("model") or {}).get("name", "official"),
+             "options": OmegaConf.to_container(OmegaConf.create(opts), resolve=True), "num_images": len(labels),
+             "seed": cfg.seed, "use_ema": cfg.use_ema, "num_shards": num_shards, "device": str(module.device),
+             # a run resumed with every image on disk keeps the speed measured when they were drawn
+             "images_per_s": images_per_s if images_per_s is not None else old.get("images_per_s"),
+             "sample_flops_per_image": sampling_flops_per_image(module, options=options)}
+    if evaluator is not None:
+        with np.load(out / "samples.npz", allow_pickle=False) as f:
+            images = torch.from_numpy(f["arr_0"]).permute(0, 3, 1, 2).contiguous()
+        evaluator.check(len(images), tuple(images.shape[-2:]))
+        stats["metrics"] = evaluator.score(evaluator.features(images), torch.as_tensor(list(labels)))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(stats, indent=1)))
+    print(f"[scalegen] sample stats: {path}")
+    return path
+
+
+def sample_evaluator(cfg: DictConfig, config: dict, num_images: int):
+    """The Evaluator of `eval.metrics` (None without), checked against `num_images`: `eval.reference=data` is the
+    checkpoint's own data (its `eval.reference_split`), else an image folder or an .npz."""
+    metrics = list(cfg.eval.metrics or []) if cfg.get("eval") else []
+    if not metrics:
+        return None
+    from hydra.utils import instantiate
+
+    from scalegen.eval import classifier as digits
+    from scalegen.eval.metrics import METRICS, Evaluator, reference_from_images, reference_from_path
+    ev = cfg.eval
+    bad = [m for m in metrics if m not in METRICS]
+    if bad:
+        raise ConfigError(f"eval.metrics: {bad} are not metrics; allowed: {list(METRICS)}")
+    if ev.feature_extractor not in ("digits", "inception"):
+        raise ConfigError(f"eval.feature_extractor: {ev.feature_extractor!r} is not one of ['digits', 'inception']")
+    if ev.reference == "data":
+        if not config.get("data"):
+            raise ConfigError("eval.reference=data needs a scalegen checkpoint (it carries its data config): give an "
+                              "image folder or an .npz as eval.reference")
+        data = instantiate(config["data"])
+        data.prepare_data()
+        data.setup("fit")
+        real, _ = data.real_images(ev.reference_split)
+        ref = reference_from_images(to_uint8_nchw(real.add(1).mul(0.5)), f"{type(data).__name__}-{ev.reference_split}")
+    else:
+        ref = reference_from_path(resolve_path(ev.reference))
+    weights = str(digits.ensure_classifier(ev.classifier)[0]) if ev.feature_extractor == "digits" else ev.inception_weights
+    try:
+        evaluator = Evaluator(ref, metrics, ev.feature_extractor, weights=weights, cache_dir=ev.cache_dir,
+                              kid_subset_size=ev.kid_subset_size, bootstrap=ev.bootstrap, seed=ev.seed)
+        evaluator.check(num_images)
+    except ValueError as e:
+        raise ConfigError(f"eval: {e}".replace("callbacks.eval.", "eval.")) from None
+    return evaluator
 
 
 def _digest(values) -> str:

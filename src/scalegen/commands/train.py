@@ -99,7 +99,23 @@ def train_tokenizer(cfg: DictConfig, data, out: Path) -> Path:
     trainer.fit(module, datamodule=data)
     save_safetensors(module.tokenizer.state_dict(), target)
     print(f"[scalegen] tokenizer written to {target}")
+    if trainer.is_global_zero:
+        evaluate_tokenizer_stage(cfg, module.tokenizer, data, tok_out)
     return target
+
+
+def evaluate_tokenizer_stage(cfg: DictConfig, tokenizer, data, folder: Path) -> None:
+    """Reconstruction quality on the validation split (tokenizer_stats.json, a row of the report), rFID in the feature
+    space of callbacks.eval where the run has one, LPIPS with tokenizer_training.perceptual_weights where given."""
+    from scalegen.eval import classifier as digits
+    from scalegen.eval.tokenizer_eval import evaluate_run_tokenizer
+    ev = (cfg.get("callbacks") or {}).get("eval")
+    extractor = weights = cache = None
+    if ev is not None:
+        extractor, cache = ev.feature_extractor, ev.get("cache_dir")
+        weights = str(digits.ensure_classifier(ev.classifier)[0]) if extractor == "digits" else ev.inception_weights
+    evaluate_run_tokenizer(tokenizer, data, folder, feature_extractor=extractor, weights=weights, cache_dir=cache,
+                           perceptual_weights=cfg.tokenizer_training.get("perceptual_weights"))
 
 
 def train(cfg: DictConfig) -> None:

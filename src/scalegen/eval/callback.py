@@ -30,10 +30,12 @@ class EvalCallback(L.Callback):
                  inception_weights: str | None = None, classifier: str | None = None, cache_dir: str | None = None,
                  kid_subset_size: int = 100, kid_subsets: int = 100, prc_neighborhood: int = 3, isc_splits: int = 10,
                  batch_size: int = 64, seed: int = 0, use_ema: bool = True, at_end: bool = True,
-                 sample: dict | None = None):
+                 sample: dict | None = None, bootstrap: int = 0):
         """reference: `data` (the datamodule's `real_images(reference_split)`), an image folder or an `.npz`
         (ADM reference batch). real_split: with `reference=data`, the split scored as if it were generated, once:
-        the values a perfect generator would reach. sample: generation options (cfg, top_k, ...) over the run's."""
+        the values a perfect generator would reach. sample: generation options (cfg, top_k, ...) over the run's.
+        bootstrap: resamples of the generated set for the metrics' intervals (eval/fid_low, ...; the replicates of
+        the last evaluation in eval_bootstrap.json, which the report's comparisons read); 0 = off."""
         if feature_extractor not in ("digits", "inception"):
             raise ValueError(f"callbacks.eval.feature_extractor: {feature_extractor!r} is not one of ['digits', 'inception']")
         self.every_n_steps, self.per_class, self.metrics = every_n_steps, per_class, list(metrics)
@@ -42,7 +44,7 @@ class EvalCallback(L.Callback):
         self.cache_dir, self.batch_size, self.seed, self.use_ema = cache_dir, batch_size, seed, use_ema
         self.at_end, self.sample = at_end, {k: v for k, v in (sample or {}).items() if v is not None}
         self.opts = dict(kid_subset_size=kid_subset_size, kid_subsets=kid_subsets, prc_neighborhood=prc_neighborhood,
-                         isc_splits=isc_splits)
+                         isc_splits=isc_splits, bootstrap=bootstrap)
         self.evaluator: Evaluator | None = None
         self.last_step = -1
         self.seconds = 0.0  # time spent evaluating; TrainingStats leaves it out of the training throughput
@@ -125,6 +127,10 @@ class EvalCallback(L.Callback):
         if trainer.is_global_zero:
             metrics = self.score_shares(shares, pl_module.num_classes)
             self._log(trainer, {f"eval/{k}": v for k, v in metrics.items()}, step=trainer.global_step)
+            if self.evaluator.replicates:
+                record = {"step": trainer.global_step, "seed": self.seed,
+                          "replicates": {k: v.tolist() for k, v in self.evaluator.replicates.items()}}
+                (Path(trainer.default_root_dir) / "eval_bootstrap.json").write_text(json.dumps(record))
             print(f"[scalegen] eval at step {trainer.global_step} ({pl_module.num_classes * self.per_class} images): "
                   f"{_fmt(metrics)}")
         self.last_step = trainer.global_step

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 from scalegen.eval import classifier
+from scalegen.eval.bootstrap import intervals, replicates
 from scalegen.io import atomic_write
 
 METRICS = ("fid", "kid", "prc", "isc", "class_acc")
@@ -164,7 +165,11 @@ class Evaluator:
                  feature_extractor: str = "inception", *, weights: str | os.PathLike | None = None,
                  cache_dir: str | os.PathLike | None = None, kid_subset_size: int = 1000, kid_subsets: int = 100,
                  prc_neighborhood: int = 3, isc_splits: int = 10, batch_size: int = 64,
-                 device: str | torch.device = "cpu", seed: int = 2020):
+                 device: str | torch.device = "cpu", seed: int = 2020, bootstrap: int = 0):
+        if isinstance(bootstrap, bool) or not isinstance(bootstrap, int) or bootstrap < 0:
+            raise ValueError(f"callbacks.eval.bootstrap: {bootstrap!r} must be an integer >= 0 (resamples; 0 = off)")
+        self.bootstrap = bootstrap
+        self.replicates: dict[str, np.ndarray] = {}  # of the last `score`, by metric (bootstrap > 0)
         bad = [m for m in metrics if m not in METRICS]
         if bad or not metrics:
             raise ValueError(f"callbacks.eval.metrics: {bad or 'empty'}; allowed: {list(METRICS)}")
@@ -287,7 +292,9 @@ class Evaluator:
     # -- metrics -------------------------------------------------------------------------------------------------------
     def score(self, feats: dict[str, torch.Tensor], labels: torch.Tensor | None = None) -> dict[str, float]:
         """Metrics of generated features (from `features`) against the reference: fid, kid, kid_std, precision,
-        recall, isc, isc_std, class_acc (with `labels`, the classes the images were conditioned on)."""
+        recall, isc, isc_std, class_acc (with `labels`, the classes the images were conditioned on); with
+        `bootstrap` resamples also `{metric}_low`/`{metric}_high` (scalegen.eval.bootstrap), the replicates kept in
+        `self.replicates`."""
         from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
         from torch_fidelity.metric_isc import isc_features_to_metric
         from torch_fidelity.metric_kid import kid_features_to_metric
@@ -311,7 +318,19 @@ class Evaluator:
             if labels is None:
                 raise ValueError("class_acc needs the labels the images were generated for")
             out["class_acc"] = (feats["logits"].argmax(1) == labels.cpu()).float().mean().item()
+        if self.bootstrap:
+            self.replicates = self.bootstrap_replicates(feats, labels)
+            out.update(intervals(self.replicates))
         return out
+
+    def bootstrap_replicates(self, feats: dict[str, torch.Tensor], labels: torch.Tensor | None) -> dict:
+        layers = {m: l for m, l in self.layers.items() if m != "isc"}  # IS has its own split spread (isc_std)
+        needs_ref = any(m in layers for m in ("kid", "prc"))
+        return replicates(feats, layers, count=self.bootstrap, seed=self.opts["rng_seed"], labels=labels,
+                          ref_stats=self.reference_fid_stats() if "fid" in layers else None,
+                          ref_feats=self.reference_features() if needs_ref else None,
+                          kid_opts={k: self.opts[k] for k in ("kid_subset_size",)},
+                          prc_neighborhood=self.opts["prc_neighborhood"])
 
     def evaluate(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, float]:
         self.check(len(images), tuple(images.shape[-2:]))

@@ -1,154 +1,39 @@
-"""The comparison report of a multirun: `python -m scalegen.eval.report <multirun dir> [-o OUT]`.
+"""The comparison report of a multirun: `python -m scalegen.eval.report <multirun dir> [-o OUT] [--frontier DIR]`.
 
-Reads every run folder of the sweep (config.yaml, metrics.csv and the metrics.attempt*.csv of resumed attempts,
-run_stats.json, eval_reference.json, samples/final.png) and writes, into `<multirun dir>/report/` by default:
-report.md and report.html (a table with one row per run: parameters, training wall time and throughput, sampling
-images/s, FID, KID, precision, recall, class accuracy and the config diff against the first run; the sample grids
-side by side; the curves), curves/*.png, grids/*.png, and summary.png (the whole report in one picture).
+Reads every run folder of the sweep (scalegen.eval.runs) and writes, into `<multirun dir>/report/` by default:
+report.md and report.html — a table with one row per run (parameters of the generator and the tokenizer, training
+FLOPs, images seen, wall time and throughput, sampling images/s and FLOPs/image, FID, KID, precision, recall, class
+accuracy, each with its bootstrap interval, and the config diff against the first run); the tokenizers'
+reconstruction quality; the across-seed intervals and which differences between runs exceed their uncertainty
+(scalegen.eval.comparisons); the scaling fits of a sweep over size (scalegen.eval.scaling); the speed–quality
+Pareto fronts of sample.py sweeps (scalegen.eval.frontier); the sample grids side by side; the curves — and
+curves/*.png, grids/*.png, and summary.png (the whole report in one picture).
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import html
-import json
 import math
 import re
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import torch
+from scalegen.eval.bootstrap import CONFIDENCE
+from scalegen.eval.comparisons import comparison_table, group_by_seed, seed_table
+from scalegen.eval.frontier import SPEED_AXES, by_method, front, plot_fronts, read_points
+from scalegen.eval.runs import Run, checkpoint_params, config_diff, find_runs, label_runs, read_csv, read_run  # noqa: F401
+from scalegen.eval.scaling import ScalingPoint, fit_all, fit_table, plot_scaling
+from scalegen.eval.tokenizer_eval import tokenizer_table
 
-# (column, where it comes from, format); `eval/x` = the last logged value of x
-COLUMNS = [("params", "stats:params", "params"), ("train wall time", "stats:train_wall_s", "seconds"),
-           ("train images/s", "stats:train_images_per_s", "rate"), ("sample images/s", "eval/images_per_s", "rate"),
+# (column, where it comes from, format); `eval/x` = the last logged value of x (with its interval where logged)
+COLUMNS = [("params", "stats:params_generator|params", "params"), ("tokenizer params", "stats:params_tokenizer", "params"),
+           ("train FLOPs", "stats:train_flops", "flops"), ("images seen", "stats:images_seen|train_images", "count"),
+           ("train wall time", "stats:train_wall_s", "seconds"), ("train images/s", "stats:train_images_per_s", "rate"),
+           ("sample images/s", "eval/images_per_s", "rate"), ("sample FLOPs/image", "stats:sample_flops_per_image", "flops"),
            ("FID", "eval/fid", "num"), ("KID", "eval/kid", "kid"), ("precision", "eval/precision", "frac"),
            ("recall", "eval/recall", "frac"), ("class acc", "eval/class_acc", "frac")]
 CURVES = [("eval/fid", "FID"), ("eval/kid", "KID"), ("eval/precision", "precision"), ("eval/recall", "recall"),
           ("eval/class_acc", "class accuracy")]
-IGNORED = ("callbacks.checkpoint.dirpath", "logger.", "output_dir")  # run-folder paths: differ in every run
-
-
-@dataclass
-class Run:
-    path: Path
-    label: str = ""
-    config: dict = field(default_factory=dict)      # flattened: "backbone.depth" -> 2
-    overrides: list = field(default_factory=list)
-    stats: dict = field(default_factory=dict)
-    rows: list = field(default_factory=list)        # metrics rows (dicts of floats), attempts first
-    reference: dict | None = None
-    grid: Path | None = None
-
-    def last(self, key: str) -> float | None:
-        values = [r[key] for r in self.rows if key in r]
-        return values[-1] if values else None
-
-    def series(self, key: str) -> tuple[list[float], list[float]]:
-        points = sorted({r["step"]: r[key] for r in self.rows if key in r and "step" in r}.items())
-        return [p[0] for p in points], [p[1] for p in points]
-
-    def value(self, source: str) -> float | None:
-        return self.stats.get(source[6:]) if source.startswith("stats:") else self.last(source)
-
-
-# -- reading ---------------------------------------------------------------------------------------------------------
-def find_runs(root: Path) -> list[Path]:
-    """The run folders: `root` itself if it is one, else its sub-folders holding config.yaml (by Hydra job number)."""
-    if (root / "config.yaml").is_file():
-        return [root]
-    runs = [p.parent for p in root.rglob("config.yaml") if ".hydra" not in p.parts and "report" not in p.parts]
-
-    def order(p: Path):
-        rel = p.relative_to(root).as_posix()
-        head = rel.split("_", 1)[0]
-        return (int(head), rel) if head.isdigit() else (10**9, rel)
-
-    return sorted(runs, key=order)
-
-
-def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(node, dict):
-        out = {}
-        for k, v in node.items():
-            out.update(flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: node}
-
-
-def read_csv(path: Path) -> list[dict[str, float]]:
-    rows = []
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            parsed = {}
-            for k, v in row.items():
-                try:
-                    parsed[k] = float(v)
-                except (TypeError, ValueError):
-                    continue
-            rows.append(parsed)
-    return rows
-
-
-def read_run(path: Path) -> Run:
-    from omegaconf import OmegaConf
-    run = Run(path, label=path.name)
-    run.config = flatten(OmegaConf.to_container(OmegaConf.load(path / "config.yaml"), resolve=False))
-    overrides = path / ".hydra" / "overrides.yaml"
-    if overrides.is_file():
-        run.overrides = list(OmegaConf.load(overrides))
-    if (path / "run_stats.json").is_file():
-        run.stats = json.loads((path / "run_stats.json").read_text())
-    if (path / "eval_reference.json").is_file():
-        run.reference = json.loads((path / "eval_reference.json").read_text())
-    attempts = sorted(path.glob("metrics.attempt*.csv"), key=lambda p: int(p.stem.removeprefix("metrics.attempt") or 0))
-    for csv_path in [*attempts, path / "metrics.csv"]:
-        if csv_path.is_file():
-            run.rows += read_csv(csv_path)
-    grid = path / "samples" / "final.png"
-    run.grid = grid if grid.is_file() else None
-    if "params" not in run.stats:  # trained without callbacks=eval: the count is still in the checkpoint
-        params = checkpoint_params(path / "checkpoints" / "last.ckpt")
-        if params is not None:
-            run.stats["params"] = params
-    return run
-
-
-def checkpoint_params(path: Path) -> int | None:
-    """The generator's parameter count from a training checkpoint (its state holds no generator buffers); None for a
-    missing file or a sharded folder."""
-    if not path.is_file():
-        return None
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
-    return sum(v.numel() for k, v in state.items() if k.startswith("generator."))
-
-
-def label_runs(runs: list[Run]) -> None:
-    """A run's label: its overrides that not every run shares (`model=flowar`), else its folder name."""
-    common = set.intersection(*(set(r.overrides) for r in runs)) if runs else set()
-    for r in runs:
-        own = [o for o in r.overrides if o not in common]
-        r.label = " ".join(own) if own else r.path.name
-
-
-def config_diff(first: Run, run: Run, compact: bool = False) -> list[str]:
-    """`key: value (first: value)` for every differing key; compact: a part whose class differs is one entry
-    (`backbone: MambaAdaLNTransformer (first: AdaLNTransformer)`), at most 5 entries."""
-    diff = []
-    for k in sorted(set(first.config) | set(run.config)):
-        a, b = first.config.get(k, "(absent)"), run.config.get(k, "(absent)")
-        if a != b and not any(k.startswith(p) for p in IGNORED):
-            diff.append((k, a, b))
-    if not compact:
-        return [f"{k}: {b} (first: {a})" for k, a, b in diff]
-    swapped = {k[:-len("._target_")] for k, _, _ in diff if k.endswith("._target_")}
-    out = [f"{k[:-len('._target_')]}: {str(b).split('.')[-1]} (first: {str(a).split('.')[-1]})" if k[:-len("._target_")]
-           in swapped else f"{k}: {b} (first: {a})" for k, a, b in diff
-           if k.endswith("._target_") or not any(k.startswith(f"{g}.") for g in swapped)]
-    out.sort(key=lambda e: e.split(":")[0] not in swapped)  # the swapped parts first
-    return out[:5] + ([f"+{len(out) - 5} more (see Runs)"] if len(out) > 5 else [])
 
 
 # -- formatting ------------------------------------------------------------------------------------------------------
@@ -161,6 +46,10 @@ def fmt(value: float | None, kind: str) -> str:
         return f"{value:.1f} s" if value < 120 else f"{value / 60:.1f} min" if value < 7200 else f"{value / 3600:.1f} h"
     if kind == "rate":
         return f"{value:.1f}" if value < 1000 else f"{value:,.0f}"
+    if kind == "flops":
+        return f"{value:.3g}"
+    if kind == "count":
+        return f"{int(value):,}"
     if kind == "frac":
         return f"{value:.3f}"
     if kind == "kid":
@@ -168,13 +57,19 @@ def fmt(value: float | None, kind: str) -> str:
     return f"{value:.2f}"
 
 
+def cell(run: Run, source: str, kind: str) -> str:
+    """A value, and `[low, high]` after it where its bootstrap interval was logged (`eval/fid_low`, ...)."""
+    text = fmt(run.value(source), kind)
+    low, high = run.last(f"{source}_low"), run.last(f"{source}_high")
+    return text if low is None or high is None or text == "—" else f"{text} [{fmt(low, kind)}, {fmt(high, kind)}]"
+
+
 def table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
     head = ["run", "method"] + [c[0] for c in COLUMNS] + ["config diff vs the first run"]
     body = []
     for i, r in enumerate(runs):
         diff = "(first run)" if i == 0 else "; ".join(config_diff(runs[0], r, compact=True)) or "(same config)"
-        body.append([r.label, str(r.config.get("model.name", "?"))] + [fmt(r.value(src), kind) for _, src, kind in COLUMNS]
-                    + [diff])
+        body.append([r.label, r.method] + [cell(r, src, kind) for _, src, kind in COLUMNS] + [diff])
     ref = next((r.reference for r in runs if r.reference), None)
     if ref:  # the real images scored as samples: what a perfect generator would reach
         m = ref["metrics"]
@@ -258,8 +153,97 @@ def summary_png(runs: list[Run], curves: list[tuple[str, Path]], path: Path) -> 
     return path
 
 
+# -- sections beyond the main table -----------------------------------------------------------------------------------
+Section = tuple[str, list[str], list[tuple[list[str], list[list[str]]]], list[tuple[str, Path]]]  # title, notes, tables, pictures
+
+
+def tokenizer_section(runs: list[Run]) -> Section | None:
+    head, body = tokenizer_table([(r.label, r.tokenizer) for r in runs if r.tokenizer])
+    if not body:
+        return None
+    return ("Tokenizers: reconstruction of the validation split", [
+        "PSNR/SSIM on [0, 1] images; rFID: FID of the reconstructions against the originals in the run's feature "
+        "space; LPIPS where its weights were given; codebook use: the share of the codebook the split hit, per "
+        "scale."], [(head, body)], [])
+
+
+def error_section(runs: list[Run]) -> Section | None:
+    groups = group_by_seed(runs)
+    seeds = seed_table(groups)
+    head, body, verdicts = comparison_table(groups)
+    if not seeds[1] and not any(c != "—" for row in body for c in row[2:]):
+        return None
+    notes = [f"Intervals are {CONFIDENCE:.0%}. Over samples: the percentile bootstrap of the generated set (callbacks."
+             "eval.bootstrap resamples; the reference is fixed). A difference is beyond its uncertainty (`*`) when the "
+             "interval of the difference itself excludes 0 — Welch's t over seeds where both sides have several, else "
+             "the difference of the two runs' independent bootstrap replicates (non-overlapping intervals would be a "
+             "stricter test than the stated level)."]
+    tables = ([seeds] if seeds[1] else []) + [(head, body)]
+    return "Error bars and differences", notes + verdicts, tables, []
+
+
+def scaling_section(runs: list[Run], out: Path) -> Section | None:
+    points = [ScalingPoint(r.method, r.label, {"params": r.value("stats:params_generator|params"),
+                                               "train_flops": r.value("stats:train_flops"), "loss": r.value("loss"),
+                                               "fid": r.last("eval/fid")}) for r in runs]
+    fits = fit_all(points, CONFIDENCE)
+    if not fits:
+        return None
+    which = sorted({r.final_loss()[1] for r in runs if r.final_loss()[1]})
+    notes = [f"Power laws y = c·x^α fitted per method by least squares on log-log axes (runs of at least 3 sizes); "
+             f"the interval is the exponent's {CONFIDENCE:.0%} t interval. Final loss: "
+             + " / ".join({"val/loss": "the last validation loss", "train/loss": "the mean of the last 5 logged "
+                           "training losses"}[w] for w in which) + "."]
+    return "Scaling", notes, [fit_table(fits, CONFIDENCE)], plot_scaling(points, fits, out / "scaling")
+
+
+def frontier_section(roots: list[Path], out: Path) -> Section | None:
+    points = [p for p in read_points(roots) if "fid" in p.values]
+    if not points:
+        return None
+    head = ["method", "settings", "FID", "images/s", "sampling FLOPs/image", "front (images/s)", "front (FLOPs)"]
+    body = []
+    for method, ps in by_method(points).items():
+        masks = [front(ps, "fid", axis, larger) if all(axis in p.values for p in ps) else [False] * len(ps)
+                 for axis, _, larger in SPEED_AXES]
+        for p, on_speed, on_flops in zip(ps, *masks):
+            v = p.values
+            body.append([method, p.label, cell_of(v, "fid", "num"), fmt(v.get("images_per_s"), "rate"),
+                         fmt(v.get("sample_flops_per_image"), "flops"), "●" if on_speed else "", "●" if on_flops else ""])
+    notes = [f"{len(points)} sampling settings (sample.py's sample_stats.json). ● marks each method's Pareto front: "
+             "no other setting of the method has a lower FID and a higher speed (or fewer FLOPs)."]
+    return "Speed–quality frontier", notes, [(head, body)], plot_fronts(points, out / "frontier")
+
+
+def cell_of(values: dict, key: str, kind: str) -> str:
+    text = fmt(values.get(key), kind)
+    low, high = values.get(f"{key}_low"), values.get(f"{key}_high")
+    return text if low is None or high is None or text == "—" else f"{text} [{fmt(low, kind)}, {fmt(high, kind)}]"
+
+
+def render_md(section: Section, rel) -> list[str]:
+    title, notes, tables, pictures = section
+    md = ["", f"## {title}", ""] + [f"- {n}" if i else n for i, n in enumerate(notes)]
+    for head, body in tables:
+        md += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        md += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in body]
+    return md + [""] + [f"![{t}]({rel(p)})" for t, p in pictures]
+
+
+def render_html(section: Section, rel) -> list[str]:
+    e = html.escape
+    title, notes, tables, pictures = section
+    h = [f"<h2>{e(title)}</h2>"] + [f"<p>{e(n)}</p>" for n in notes]
+    for head, body in tables:
+        h += ["<table><tr>" + "".join(f"<th>{e(c)}</th>" for c in head) + "</tr>"]
+        h += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in body] + ["</table>"]
+    return h + ["<div class='grids'>"] + [f"<img src='{e(rel(p))}' alt='{e(t)}'>" for t, p in pictures] + ["</div>"]
+
+
 # -- writing ---------------------------------------------------------------------------------------------------------
-def build_report(root: str | Path, out: str | Path | None = None) -> Path:
+def build_report(root: str | Path, out: str | Path | None = None, frontier: list[str | Path] = ()) -> Path:
+    """The report of the runs under `root`; `frontier`: sample.py sweep folders (sample_stats.json files) beyond
+    those under `root`."""
     root = Path(root)
     paths = find_runs(root)
     if not paths:
@@ -274,10 +258,13 @@ def build_report(root: str | Path, out: str | Path | None = None) -> Path:
             r.grid = Path(shutil.copyfile(r.grid, out / "grids" / f"{i}_{slug}.png"))
     curves = plot_curves(runs, out / "curves")
     summary_png(runs, curves, out / "summary.png")
+    sections = [s for s in (tokenizer_section(runs), error_section(runs), scaling_section(runs, out),
+                            frontier_section([root, *map(Path, frontier)], out)) if s]
     head, body = table(runs)
     rel = lambda p: p.relative_to(out).as_posix()
     notes = [f"{len(runs)} runs of `{root}`.",
-             "Metrics are the last evaluation of each run (the EMA weights at the end of training); the last row scores "
+             "Metrics are the last evaluation of each run (the EMA weights at the end of training), with their "
+             f"{CONFIDENCE:.0%} bootstrap interval over samples where logged; the last row scores "
              "real held-out images as if generated: the values a perfect generator would reach with as many images."]
     ref = next((r.reference for r in runs if r.reference), None)
     if ref:
@@ -290,6 +277,8 @@ def build_report(root: str | Path, out: str | Path | None = None) -> Path:
 
     md = ["# Comparison report", "", *notes, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     md += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in body]
+    for section in sections:
+        md += render_md(section, rel)
     grids = [r for r in runs if r.grid]
     if grids:
         md += ["", "## Samples (one row per class)", "", "| " + " | ".join(r.label for r in grids) + " |",
@@ -313,6 +302,8 @@ def build_report(root: str | Path, out: str | Path | None = None) -> Path:
          "<table><tr>" + "".join(f"<th>{e(c)}</th>" for c in head) + "</tr>"]
     h += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in body]
     h += ["</table>"]
+    for section in sections:
+        h += render_html(section, rel)
     if grids:
         h += ["<h2>Samples (one row per class)</h2><div class='grids'>"]
         h += [f"<figure><img src='{e(rel(r.grid))}' width='{2 * _width(r.grid)}'><figcaption>{e(r.label)}"
@@ -335,8 +326,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m scalegen.eval.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("multirun", help="a Hydra multirun folder (e.g. multirun/compare/<time>) or one run folder")
     parser.add_argument("-o", "--out", help="output folder (default: <multirun>/report)")
+    parser.add_argument("--frontier", action="append", default=[], metavar="DIR",
+                        help="a sample.py -m sweep folder (its sample_stats.json files) for the speed–quality "
+                             "frontier; repeatable (those under the multirun folder are read anyway)")
     args = parser.parse_args(argv)
-    build_report(args.multirun, args.out)
+    build_report(args.multirun, args.out, args.frontier)
 
 
 if __name__ == "__main__":
