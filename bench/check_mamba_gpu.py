@@ -106,11 +106,11 @@ def main() -> int:
                   2e-3 * whole.abs().max().item())
 
         # 4. a tiny M-VAR: the same tokens with either backend
-        from scalegen.schedule.residual import ResidualComposition
-        from scalegen.generators import Generator, MambaAdaLNTransformer
-        from scalegen.heads import CategoricalHead
         from scalegen.generation.loop import generate
         from scalegen.generation.options import GenerateOptions
+        from scalegen.generators import Generator, MambaAdaLNTransformer
+        from scalegen.heads import CategoricalHead
+        from scalegen.schedule.residual import ResidualComposition
         from scalegen.tokenizers import MultiScaleVQVAE
         vae = MultiScaleVQVAE(vocab_size=64, z_channels=8, ch=32, v_patch_nums=(1, 2, 3, 4)).to(dev).eval()
         tokens = {}

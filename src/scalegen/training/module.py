@@ -23,8 +23,18 @@ from scalegen.scaleout.distributed import configure_generator, generation_contex
 from scalegen.schedule.anyscale import for_schedule
 from scalegen.training.guard import IN_ROW, TOTAL, StepGuard
 from scalegen.training.optim import DEFAULT_OPTIMIZER, LRSchedule, build_optimizer, param_groups, skips_on_device
-from scalegen.training.steps import BAD_IN_ROW, BAD_KIND, BAD_LOSS, BAD_NORM, BAD_STEP, NONFINITE, NONFINITE_IN_ROW, \
-    NONFINITE_TOTAL, OK, StepLedger
+from scalegen.training.steps import (
+    BAD_IN_ROW,
+    BAD_KIND,
+    BAD_LOSS,
+    BAD_NORM,
+    BAD_STEP,
+    NONFINITE,
+    NONFINITE_IN_ROW,
+    NONFINITE_TOTAL,
+    OK,
+    StepLedger,
+)
 
 
 class GeneratorModule(L.LightningModule):
