@@ -9,13 +9,13 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from conftest import compose_cfg
 from lightning.pytorch.loggers import CSVLogger
 from test_guards import TINY, run, same
 
 from scalegen.build import build_module
 from scalegen.data import DigitsDataModule
 from scalegen.training.optim import build_optimizer, param_groups, skips_on_device
-from conftest import compose_cfg
 
 FUSED = "+model.optimizer.fused=true"
 SRC = str(Path(__file__).resolve().parents[1] / "src" / "scalegen")

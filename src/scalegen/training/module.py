@@ -5,6 +5,7 @@ loss; `scalegen.generation.loop.generate` is the one sampling loop.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from pathlib import Path
@@ -43,7 +44,7 @@ class GeneratorModule(L.LightningModule):
                  lr_schedule: LRSchedule = LRSchedule(), batch_size: int = 256, ema_decay: float | None = 0.9999,
                  cond_drop_rate: float = 0.1, max_nonfinite: int = 5, sample: dict | None = None,
                  config: dict | None = None, activation_checkpointing: bool = False, train_scales=None,
-                 guard: StepGuard | None = None):
+                 guard: StepGuard | None = None, compile: bool = False):
         super().__init__()
         self.tokenizer = tokenizer.eval().requires_grad_(False)
         self.generator, self.composition = generator, composition
@@ -61,6 +62,7 @@ class GeneratorModule(L.LightningModule):
         self.ledger = StepLedger()  # the steps' verdicts and logged sums, on the device
         self._step_out, self._ok = None, None  # this step's (loss, per-scale logs); its verdict (device bool)
         self.activation_checkpointing = activation_checkpointing  # applied in configure_model (scalegen.scaleout.distributed)
+        self.compile_blocks = compile  # torch.compile per block and the head, applied in configure_model too
         self.train_scales = train_scales  # None, or a callable giving each training step's schedule (FlexVAR's)
 
     @property
@@ -84,7 +86,8 @@ class GeneratorModule(L.LightningModule):
 
     # -- data -> targets -------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
-        """Activation checkpointing, and FSDP2 sharding per transformer block under trainer=fsdp."""
+        """Activation checkpointing, torch.compile per block (compile=true), and FSDP2 sharding per transformer block
+        under trainer=fsdp."""
         configure_generator(self)
 
     @torch.no_grad()
@@ -307,9 +310,11 @@ class GeneratorModule(L.LightningModule):
         model = self.ema if (use_ema and self.ema is not None) else self.generator
         was_training = model.training
         model.eval()  # no drop path while sampling, whatever mode the caller is in
-        try:
-            latent = generate(model.backbone, model.head, self.composition, labels, options, generator=generator,
-                              constrain=constrain)
+        eager = torch.compiler.set_stance("force_eager") if self.compile_blocks else contextlib.nullcontext()
+        try:  # compiled blocks run eager here: a KV cache growing per scale would recompile them at every scale
+            with eager:
+                latent = generate(model.backbone, model.head, self.composition, labels, options, generator=generator,
+                                  constrain=constrain)
         finally:
             model.train(was_training)
         return self.composition.decode(latent).add(1).mul(0.5)
