@@ -62,14 +62,15 @@ def checkpoint_blocks(backbone: nn.Module) -> int:
 
 
 # -- torch.compile ---------------------------------------------------------------------------------------------------
-def compile_generator(generator: nn.Module) -> int:
-    """Compile each backbone block and the head in place; returns how many modules were compiled. A head whose work
-    is not its `forward` (the flow head calls its network) has its children compiled instead."""
+def compile_generator(generator: nn.Module, **options) -> int:
+    """Compile each backbone block and the head in place (`options`: torch.compile's, e.g. backend); returns how many
+    modules were compiled. A head whose work is not its `forward` (the flow head calls its network) has its children
+    compiled instead."""
     targets = list(blocks_of(generator.backbone) or ())
     head = generator.head
     targets += [head] if type(head).forward is not nn.Module.forward else list(head.children())
     for module in targets:
-        module.compile()
+        module.compile(**options)
     return len(targets)
 
 
