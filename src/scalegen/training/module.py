@@ -166,8 +166,8 @@ class GeneratorModule(L.LightningModule):
             self.log("train/loss", loss, prog_bar=True)
             self.log("train/grad_norm", norm)
             self.log("lr", torch.tensor(optimizer.param_groups[0]["lr"]))  # a CPU value: no copy to the device
-            for name, mean in means.items():
-                self.log(name, mean)
+        for name, mean in means.items() if optimizer is not None else ():  # accepted steps only: none if none
+            self.log(name, mean)
         nonfinite, outliers = int(values[NONFINITE_TOTAL]), counts[TOTAL]
         new_nonfinite, new_outliers = nonfinite - self.ledger.reported[0], outliers - self.ledger.reported[1]
         if not (new_nonfinite or new_outliers):
