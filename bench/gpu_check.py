@@ -4,13 +4,14 @@ On the device machine (no network; its Python has torch, lightning, timm, einops
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=$PWD/src:/tmp/site && python3 bench/gpu_check.py $OUT
 
-`.whl/` (ignored: `echo /.whl/ >> .git/info/exclude`, and `carry: [".whl"]`) holds the wheels that Python lacks,
-made here (python 3.12, x86-64; see /work/.library/device/README.md, Notes):
-    pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp -d .whl \\
-        hydra-core==1.3.2 omegaconf==2.3.0 antlr4-python3-runtime==4.9.3
-    MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE pip wheel --no-deps --no-build-isolation -w .whl mamba-ssm
-(mamba-ssm built without its CUDA extension: only its Triton kernels, which is what scalegen calls; causal-conv1d
-is optional and not carried: the Triton SSD scan then runs after our conv.) torch-fidelity is not needed here.
+`.whl/` (ignored: `echo /.whl/ >> .git/info/exclude`; the run names it in `carry`) holds the wheels that Python
+lacks, all pure Python, made on a machine with network (mamba-ssm's needs torch there: no build isolation):
+    pip download --no-deps -d .whl hydra-core==1.3.2 omegaconf==2.3.0
+    pip wheel --no-deps -w .whl antlr4-python3-runtime==4.9.3            # published as a source archive only
+    MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE pip wheel --no-deps --no-build-isolation -w .whl \
+        mamba-ssm==2.3.2.post1                                            # its Triton kernels, no CUDA extension
+(mamba-ssm's package __init__ needs its compiled extension, so scalegen loads the Triton SSD module alone; causal-
+conv1d is optional and not carried: the Triton SSD scan then runs after our conv.) torch-fidelity is not needed.
 
 Sections (`--sections`, default all), each a group of rows of the one table:
   cuda      the tests marked `cuda` (tests/test_cuda.py): device placement, sampling per method, FSDP2 save+resume
