@@ -10,6 +10,7 @@ import typing
 from dataclasses import fields
 from typing import Any, Iterable, Literal, Union
 
+import torch
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -17,6 +18,7 @@ from scalegen.errors import ConfigError
 from scalegen.generation.options import GenerateOptions
 from scalegen.generators import Generator, init_var_weights
 from scalegen.official import load_tokenizer_weights
+from scalegen.scaleout.distributed import compiler_problem
 from scalegen.schedule.anyscale import fixed_parts
 from scalegen.schedule.residual import ResidualComposition
 from scalegen.schedule.scales import ScaleSchedule
@@ -61,7 +63,8 @@ COMPOSITION_DERIVED = ("tokenizer", "scales")
 
 # the top-level keys a run reads; `extra` is the free namespace for your own keys (sweep tags, notes), read by nothing
 RUN_KEYS = ("data", "tokenizer", "backbone", "head", "model", "trainer", "logger", "callbacks", "scales", "task", "seed",
-            "tokenizer_ckpt", "init_from", "resume", "resume_changes", "max_nonfinite", "guard", "activation_checkpointing", "budget", "tokenizer_training",
+            "tokenizer_ckpt", "init_from", "resume", "resume_changes", "max_nonfinite", "guard", "activation_checkpointing",
+            "compile", "budget", "tokenizer_training",
             "sample", "hydra", "output_dir", "extra")
 MODEL_KEYS = ("name", "cond_drop_rate", "ema_decay", "init", "optimizer", "lr_schedule", "composition", "train_scales")
 TRAINER_DERIVED = ("default_root_dir", "callbacks", "plugins", "logger")
@@ -228,6 +231,7 @@ def check_generator_config(cfg: DictConfig) -> None:
                           f"latents; {fix}")
     check_sampling(cfg, head_cls)
     build_guard(cfg)
+    check_compile(cfg)
     residual = issubclass(comp_cls, ResidualComposition)
     if residual and not tok_cls.residual:
         raise ConfigError(f"model.composition={comp} needs a residual multi-scale quantizer; {tok_cls.__name__} has none; "
@@ -318,6 +322,21 @@ def check_schedule_changes(cfg: DictConfig, backbone_cls: type, composition_cls:
                               "with composition=direct_vq)")
 
 
+def check_compile(cfg: DictConfig) -> None:
+    """compile=true needs a working compiler on the run's device: tried once on a tiny function, before any data."""
+    value = cfg.get("compile", False)
+    if not isinstance(value, bool):
+        raise ConfigError(f"compile: {value!r} must be true or false")
+    if not value:
+        return
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    device = "cuda" if accelerator != "cpu" and torch.cuda.is_available() else "cpu"
+    why = compiler_problem(device)
+    if why:
+        raise ConfigError(f"compile=true: torch.compile cannot run on {device} here ({why}); use compile=false "
+                          "(the same model, eager)")
+
+
 def build_guard(cfg: DictConfig):
     """The step guard (`guard`: outlier loss / gradient norm checks), checked key by key; None when `guard: null`."""
     node = cfg.get("guard")
@@ -363,7 +382,8 @@ def build_module(cfg: DictConfig, num_classes: int, tokenizer_ckpt: str | None =
         cond_drop_rate=model.cond_drop_rate, sample=OmegaConf.to_container(cfg.sample, resolve=True),
         config=run_config(cfg), max_nonfinite=cfg.get("max_nonfinite", 5),
         train_scales=instantiate(model.train_scales) if model.get("train_scales") is not None else None,
-        activation_checkpointing=cfg.get("activation_checkpointing", False), guard=build_guard(cfg))
+        activation_checkpointing=cfg.get("activation_checkpointing", False), guard=build_guard(cfg),
+        compile=cfg.get("compile", False))
 
 
 def run_config(cfg: DictConfig) -> dict[str, Any]:

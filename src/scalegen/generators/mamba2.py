@@ -8,13 +8,19 @@ norm.weight, out_proj), so official checkpoints load without renaming. Per token
 
 `forward(u)` runs a whole sequence from the zero state (training); `step(u, state)` continues from a carried state
 (the last d_conv-1 conv inputs and the SSM state) over a chunk of any length, which is how M-VAR's generation adds
-one scale at a time. On CUDA tensors with `mamba-ssm` and `causal-conv1d` installed (extra `[mamba]`) the same
-module calls their kernels; anywhere else it runs the scan below. mamba-ssm is imported only on that CUDA path.
+one scale at a time. On CUDA tensors with `mamba-ssm` installed (extra `[mamba]`; its Triton kernels need no compiled
+extension: an install made with MAMBA_SKIP_CUDA_BUILD=TRUE works) the same module runs mamba-ssm's Triton SSD chunk
+scan, fused with causal-conv1d's conv when that is installed too (`choose`); anywhere else it runs the scan below.
+mamba-ssm is imported only on that CUDA path.
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import logging
 import math
+import sys
+import types
 from typing import NamedTuple
 
 import torch
@@ -98,6 +104,17 @@ class GatedRMSNorm(nn.Module):
 
 _KERNELS: dict | None = None
 _LOGGED: set = set()
+SSD_MODULE = "mamba_ssm.ops.triton.ssd_combined"
+# how each mamba-ssm release names the causal-conv1d functions its fused path calls (None when not importable)
+CONV_NAMES = ("causal_conv1d_fwd_function", "causal_conv1d_cuda")
+
+
+class Choice(NamedTuple):
+    """Which implementation a Mamba2 call runs: "torch" (our scan), "triton" (mamba-ssm's Triton SSD chunk scan
+    after our conv) or "triton_fused" (its split-conv1d-scan with causal-conv1d's conv); the kernels; why."""
+    name: str
+    kernels: dict | None
+    reason: str
 
 
 def _log_once(message: str) -> None:
@@ -106,17 +123,56 @@ def _log_once(message: str) -> None:
         log.info(message)
 
 
+def _import_ssd():
+    """mamba-ssm's Triton SSD module. Its package __init__ also imports Mamba-1's compiled extension, Mamba-3 and the
+    language models (transformers); an install without them (MAMBA_SKIP_CUDA_BUILD=TRUE, no transformers) still
+    has the Triton kernels, so when that __init__ fails the kernels are loaded with the package body skipped."""
+    try:
+        return importlib.import_module(SSD_MODULE)
+    except ImportError as first:
+        spec = importlib.util.find_spec("mamba_ssm") if "mamba_ssm" not in sys.modules else None
+        if spec is None or not spec.submodule_search_locations:
+            raise first
+        package = types.ModuleType("mamba_ssm")  # a bare package: its submodules import, its __init__ does not run
+        package.__path__, package.__spec__ = list(spec.submodule_search_locations), spec
+        sys.modules["mamba_ssm"] = package
+        return importlib.import_module(SSD_MODULE)
+
+
 def mamba_kernels() -> dict | None:
-    """mamba-ssm's fused functions, or None (with the reason logged) when they cannot be imported. Called on CUDA only."""
+    """mamba-ssm's Triton functions ("chunk_scan", and "split_conv1d_scan" when causal-conv1d is importable too), or
+    None when they cannot be imported (the reason in `_KERNELS["error"]`). Called for CUDA tensors only."""
     global _KERNELS
     if _KERNELS is None:
         try:
-            import causal_conv1d  # noqa: F401  (the fused path calls its conv kernel)
-            from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined, mamba_split_conv1d_scan_combined
-            _KERNELS = dict(split_conv1d_scan=mamba_split_conv1d_scan_combined, chunk_scan=mamba_chunk_scan_combined)
-        except Exception as e:  # ImportError, or a broken build (missing selective_scan_cuda, Triton errors)
+            ssd = _import_ssd()
+            _KERNELS = dict(chunk_scan=ssd.mamba_chunk_scan_combined)
+            if any(getattr(ssd, name, None) is not None for name in CONV_NAMES):
+                _KERNELS["split_conv1d_scan"] = ssd.mamba_split_conv1d_scan_combined
+        except Exception as e:  # ImportError, no Triton, a broken build
             _KERNELS = {"error": f"{type(e).__name__}: {e}"}
     return None if "error" in _KERNELS else _KERNELS
+
+
+def choose(is_cuda: bool, backend: str = "auto") -> Choice:
+    """The implementation for a call on CUDA (`is_cuda`) or CPU tensors under `backend`; imports mamba-ssm only for
+    CUDA tensors with backend auto or mamba_ssm. Raises where backend=mamba_ssm cannot be honoured."""
+    if backend == "torch":
+        return Choice("torch", None, "PyTorch chunked scan (backend=torch)")
+    if not is_cuda:  # never import mamba-ssm for CPU tensors
+        if backend == "mamba_ssm":
+            raise RuntimeError("Mamba2 backend=mamba_ssm needs CUDA tensors; use backend=auto or torch on CPU")
+        return Choice("torch", None, "PyTorch chunked scan (CPU tensors)")
+    kernels = mamba_kernels()
+    if kernels is None:
+        reason = _KERNELS["error"]
+        if backend == "mamba_ssm":
+            raise RuntimeError(f"Mamba2 backend=mamba_ssm: the kernels are not importable ({reason}); "
+                               "pip install 'scalegen[mamba]' on a CUDA machine, or use backend=auto")
+        return Choice("torch", None, f"PyTorch chunked scan on CUDA (mamba-ssm unavailable: {reason})")
+    if "split_conv1d_scan" in kernels:
+        return Choice("triton_fused", kernels, "mamba-ssm Triton SSD + causal-conv1d (CUDA)")
+    return Choice("triton", kernels, "mamba-ssm Triton SSD chunk scan, our conv (CUDA; causal-conv1d not installed)")
 
 
 class Mamba2(nn.Module):
@@ -159,25 +215,10 @@ class Mamba2(nn.Module):
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
 
     # -- which implementation --------------------------------------------------------------------------------------
-    def _kernels(self, u: torch.Tensor) -> dict | None:
-        if self.backend == "torch":
-            _log_once("Mamba2: PyTorch chunked scan (backend=torch)")
-            return None
-        if not u.is_cuda:  # never import mamba-ssm for CPU tensors
-            if self.backend == "mamba_ssm":
-                raise RuntimeError("Mamba2 backend=mamba_ssm needs CUDA tensors; use backend=auto or torch on CPU")
-            _log_once("Mamba2: PyTorch chunked scan (CPU tensors)")
-            return None
-        kernels = mamba_kernels()
-        if kernels is None:
-            reason = _KERNELS["error"]
-            if self.backend == "mamba_ssm":
-                raise RuntimeError(f"Mamba2 backend=mamba_ssm: the kernels are not importable ({reason}); "
-                                   "pip install 'scalegen[mamba]' on a CUDA machine, or use backend=auto")
-            _log_once(f"Mamba2: PyTorch chunked scan on CUDA (mamba-ssm / causal-conv1d unavailable: {reason})")
-            return None
-        _log_once("Mamba2: mamba-ssm + causal-conv1d kernels (CUDA)")
-        return kernels
+    def _choice(self, u: torch.Tensor) -> Choice:
+        choice = choose(u.is_cuda, self.backend)
+        _log_once(f"Mamba2: {choice.reason}")
+        return choice
 
     # -- the pieces ------------------------------------------------------------------------------------------------
     def initial_state(self, batch: int, device=None, dtype=torch.float32) -> MambaState:
@@ -224,10 +265,10 @@ class Mamba2(nn.Module):
     # -- the two entry points --------------------------------------------------------------------------------------
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         """A whole sequence (b, l, d_model) from the zero state -> (b, l, d_model)."""
-        kernels = self._kernels(u)
-        if kernels is None:
-            return self._mix(u, None, None)[0]
-        return kernels["split_conv1d_scan"](
+        choice = self._choice(u)
+        if choice.name != "triton_fused":
+            return self._mix(u, None, choice.kernels)[0]
+        return choice.kernels["split_conv1d_scan"](
             self.in_proj(u), self.conv1d.weight.squeeze(1), self.conv1d.bias, self.dt_bias, -torch.exp(self.A_log.float()),
             D=self.D, chunk_size=self.chunk_size, activation="silu", rmsnorm_weight=self.norm.weight,
             rmsnorm_eps=self.norm.eps, outproj_weight=self.out_proj.weight, outproj_bias=self.out_proj.bias,
@@ -238,4 +279,4 @@ class Mamba2(nn.Module):
 
         Feeding a sequence in pieces through `step` gives what `forward` gives on the whole of it.
         """
-        return self._mix(u, state, self._kernels(u))
+        return self._mix(u, state, self._choice(u).kernels)

@@ -1,4 +1,5 @@
-"""Scale-out: FSDP2 sharding per transformer block, activation checkpointing, atomic sharded checkpoints, FSDP1.
+"""Scale-out: FSDP2 sharding per transformer block, activation checkpointing, torch.compile per block, atomic
+sharded checkpoints, FSDP1.
 
 FSDP2 runs through Lightning's `ModelParallelStrategy` (here `FSDP2Strategy`, which adds bf16 all-gathers and an
 atomic sharded save); the module's `configure_model` hook calls `configure_generator`, which wraps the blocks for
@@ -6,10 +7,14 @@ activation checkpointing and `fully_shard`s every block, then the backbone and t
 EMA. The backbone and head are called through methods (`start`, `step`, `training_loss`, `sample`, ...), not only
 `forward`, so those methods are registered as FSDP forward methods: each all-gathers its parameters when called.
 The EMA is sharded exactly like the generator, so its update is a local lerp between matching shards.
+With `compile`, each block (after its checkpoint wrapper, before sharding, as torchtitan orders them) and the head
+are compiled in place (`nn.Module.compile`: the state-dict keys stay the same), so FSDP2's hooks stay outside the
+compiled graphs; the EMA, used only for sampling, stays eager.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 from datetime import timedelta
@@ -54,6 +59,35 @@ def checkpoint_blocks(backbone: nn.Module) -> int:
         if not isinstance(block, CheckpointWrapper):  # idempotent: configure_model may run once per fit
             blocks[i] = checkpoint_wrapper(block)  # non-reentrant; the state dict keys stay the same
     return len(blocks)
+
+
+# -- torch.compile ---------------------------------------------------------------------------------------------------
+def compile_generator(generator: nn.Module, **options) -> int:
+    """Compile each backbone block and the head in place (`options`: torch.compile's, e.g. backend); returns how many
+    modules were compiled. A head whose work is not its `forward` (the flow head calls its network) has its children
+    compiled instead."""
+    targets = list(blocks_of(generator.backbone) or ())
+    head = generator.head
+    targets += [head] if type(head).forward is not nn.Module.forward else list(head.children())
+    for module in targets:
+        module.compile(**options)
+    return len(targets)
+
+
+@functools.cache
+def compiler_problem(device: str) -> str | None:
+    """Why torch.compile cannot run on `device` ("cpu" needs a C++ compiler, "cuda" Triton), found by compiling a
+    tiny function with its backward once; None when it works."""
+    try:
+        x = torch.linspace(-2, 2, 8, device=device, requires_grad=True)  # no draw: the run's seeded RNG stays as it was
+        y = torch.compile(lambda t: torch.sin(t) * 2 + 1)(x)
+        y.sum().backward()
+        if not torch.allclose(y, torch.sin(x) * 2 + 1) or not torch.allclose(x.grad, 2 * torch.cos(x)):
+            return "the compiled function gave a wrong result"
+    except Exception as e:  # a missing compiler, Triton or a broken install: Inductor's own message
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        return f"{type(e).__name__}: {lines[0][:300] if lines else ''}"
+    return None
 
 
 # -- FSDP2 ----------------------------------------------------------------------------------------------------------
@@ -105,13 +139,15 @@ def generation_context(module: nn.Module) -> Iterator[None]:
 
 
 def configure_generator(module) -> None:
-    """The `configure_model` hook of GeneratorModule: activation checkpointing, then FSDP2 sharding when the
+    """The `configure_model` hook of GeneratorModule: activation checkpointing, compilation, then FSDP2 sharding when the
     strategy gives a device mesh (ModelParallelStrategy). Runs once, whatever the number of `fit` calls."""
     if getattr(module, "_scale_out_configured", False):
         return
     module._scale_out_configured = True
     if getattr(module, "activation_checkpointing", False):
         checkpoint_blocks(module.generator.backbone)
+    if getattr(module, "compile_blocks", False):  # after the checkpoint wrappers, before sharding
+        compile_generator(module.generator)
     mesh = module.device_mesh
     if mesh is None:
         return

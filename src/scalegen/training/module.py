@@ -5,6 +5,7 @@ loss; `scalegen.generation.loop.generate` is the one sampling loop.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from pathlib import Path
@@ -21,8 +22,20 @@ from scalegen.generation.loop import generate, random_labels
 from scalegen.generation.options import GenerateOptions
 from scalegen.scaleout.distributed import configure_generator, generation_context, is_sharded
 from scalegen.schedule.anyscale import for_schedule
-from scalegen.training.guard import StepGuard
-from scalegen.training.optim import DEFAULT_OPTIMIZER, LRSchedule, param_groups
+from scalegen.training.guard import IN_ROW, TOTAL, StepGuard
+from scalegen.training.optim import DEFAULT_OPTIMIZER, LRSchedule, build_optimizer, param_groups, skips_on_device
+from scalegen.training.steps import (
+    BAD_IN_ROW,
+    BAD_KIND,
+    BAD_LOSS,
+    BAD_NORM,
+    BAD_STEP,
+    NONFINITE,
+    NONFINITE_IN_ROW,
+    NONFINITE_TOTAL,
+    OK,
+    StepLedger,
+)
 
 
 class GeneratorModule(L.LightningModule):
@@ -31,7 +44,7 @@ class GeneratorModule(L.LightningModule):
                  lr_schedule: LRSchedule = LRSchedule(), batch_size: int = 256, ema_decay: float | None = 0.9999,
                  cond_drop_rate: float = 0.1, max_nonfinite: int = 5, sample: dict | None = None,
                  config: dict | None = None, activation_checkpointing: bool = False, train_scales=None,
-                 guard: StepGuard | None = None):
+                 guard: StepGuard | None = None, compile: bool = False):
         super().__init__()
         self.tokenizer = tokenizer.eval().requires_grad_(False)
         self.generator, self.composition = generator, composition
@@ -45,12 +58,20 @@ class GeneratorModule(L.LightningModule):
         self.sample_cfg = dict(cfg_scale=1.5, cfg_schedule="linear", per_class=4, seed=0)
         self.sample_cfg.update(sample)
         self.config = config  # the resolved run config, stored in every checkpoint so sample.py can rebuild the model
-        self.nonfinite_in_row = 0
-        self.nonfinite_total = 0
         self.guard = guard if guard is not None else StepGuard(window=0)  # None: non-finite checks only
-        self._step_out, self._skipped = None, False  # this step's (loss, per-scale logs); whether its update was dropped
+        self.ledger = StepLedger()  # the steps' verdicts and logged sums, on the device
+        self._step_out, self._ok = None, None  # this step's (loss, per-scale logs); its verdict (device bool)
         self.activation_checkpointing = activation_checkpointing  # applied in configure_model (scalegen.scaleout.distributed)
+        self.compile_blocks = compile  # torch.compile per block and the head, applied in configure_model too
         self.train_scales = train_scales  # None, or a callable giving each training step's schedule (FlexVAR's)
+
+    @property
+    def nonfinite_total(self) -> int:
+        return self.ledger.totals()[1]
+
+    @property
+    def nonfinite_in_row(self) -> int:
+        return self.ledger.totals()[0]
 
     @property
     def num_classes(self) -> int:
@@ -65,7 +86,8 @@ class GeneratorModule(L.LightningModule):
 
     # -- data -> targets -------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
-        """Activation checkpointing, and FSDP2 sharding per transformer block under trainer=fsdp."""
+        """Activation checkpointing, torch.compile per block (compile=true), and FSDP2 sharding per transformer block
+        under trainer=fsdp."""
         configure_generator(self)
 
     @torch.no_grad()
@@ -100,42 +122,84 @@ class GeneratorModule(L.LightningModule):
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         """Clip as Lightning would, then judge the step on its loss and the global gradient norm clipping computed:
-        a non-finite one or an outlier against the guard's window drops every gradient, so the optimizer takes no
-        step (no weight, no Adam state change) and `optimizer_step` leaves the EMA alone."""
+        a non-finite one or an outlier against the guard's window is skipped (no weight, no Adam state change, and
+        `optimizer_step` leaves the EMA alone). The verdict stays on the device: a fused optimizer skips through its
+        `found_inf` (as under torch.amp.GradScaler); any other drops every gradient after one host read of it."""
         norm = self._clip(optimizer, gradient_clip_val, gradient_clip_algorithm)
         loss, per_scale = self._step_out
         scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
         finite, calm = self.guard.verdict(loss, norm)
+        norm_finite = torch.isfinite(norm)
         if scaled:  # fp16: an inf gradient is the scaler's to skip (and lower its scale), not counted as an error
-            calm = calm & torch.isfinite(norm)
-            finite = finite | (torch.isfinite(loss) & ~torch.isfinite(norm))
-        self._skipped = not self._on_every_rank(finite & calm)
-        if not self._skipped:
-            self.guard.accept(loss, norm)
-            self.nonfinite_in_row = 0
+            calm = calm & norm_finite
+            finite = finite | (torch.isfinite(loss) & ~norm_finite)
+        ok, finite, norm_finite = self._on_every_rank(finite & calm, finite, norm_finite)
+        scaler_skip = finite & ~norm_finite if scaled else torch.zeros_like(ok)
+        outlier = ~ok & finite & ~scaler_skip
+        self.guard.record(ok, outlier, loss, norm)
+        self.ledger.record(ok, ~finite, outlier, loss, norm, self.global_step, self.guard.counts[IN_ROW])
+        self._ok = ok
+        raw = getattr(optimizer, "_optimizer", optimizer)  # Lightning's wrapper forwards reads, not writes
+        if skips_on_device(raw) and not scaled:
+            raw.found_inf = (~ok).float()  # read by the fused kernel: a skipped step changes no weight nor state
+        elif not bool(ok):  # the optimizer skips a parameter without a gradient (host read: unfused optimizers)
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+        self.ledger.accumulate(ok, scale_values("train", per_scale))
+        if self._logging_step():
+            self._report(optimizer, loss, norm)
+        else:  # the progress bar's live value; written to no row (Lightning writes rows at logging steps only)
+            self.log("train/loss", loss, prog_bar=True)
+
+    def _logging_step(self) -> bool:
+        """Whether Lightning writes this step's row (its own rule, log_every_n_steps): when the host reads the ledger."""
+        connector = getattr(self.trainer, "_logger_connector", None)
+        return True if connector is None else bool(connector.should_update_logs)
+
+    def _report(self, optimizer=None, loss=None, norm=None) -> None:
+        """The host's read of the steps since the last row (one transfer): log this step's values if it was
+        accepted and the per-scale means over the accepted steps; warn about skipped steps; stop a run whose
+        non-finite steps (max_nonfinite) or outliers (guard.max_in_row) in a row reached their limit."""
+        values, counts, means = self.ledger.read(self.guard.counts)
+        if optimizer is not None and values[OK]:
             self.log("train/loss", loss, prog_bar=True)
             self.log("train/grad_norm", norm)
-            self._log_scales("train", per_scale)
-            self.log("lr", optimizer.param_groups[0]["lr"])
+            self.log("lr", torch.tensor(optimizer.param_groups[0]["lr"]))  # a CPU value: no copy to the device
+        for name, mean in means.items() if optimizer is not None else ():  # accepted steps only: none if none
+            self.log(name, mean)
+        nonfinite, outliers = int(values[NONFINITE_TOTAL]), counts[TOTAL]
+        new_nonfinite, new_outliers = nonfinite - self.ledger.reported[0], outliers - self.ledger.reported[1]
+        if not (new_nonfinite or new_outliers):
             return
-        for group in optimizer.param_groups:  # the optimizer skips a parameter without a gradient
-            for p in group["params"]:
-                p.grad = None
-        if not self._on_every_rank(finite):
-            self._skip_nonfinite(loss, norm)
-        elif scaled and not self._on_every_rank(torch.isfinite(norm)):
-            pass  # the scaler skips this step itself (found inf while unscaling)
+        self.ledger.reported = (nonfinite, outliers)
+        if optimizer is not None and new_nonfinite:
+            self.log("train/nonfinite_steps", float(nonfinite))
+        if optimizer is not None and new_outliers:
+            self.log("train/outlier_steps", float(outliers))
+        step, loss, norm, in_row = int(values[BAD_STEP]), values[BAD_LOSS], values[BAD_NORM], int(values[BAD_IN_ROW])
+        if values[BAD_KIND] == NONFINITE:
+            what = (f"non-finite loss ({loss})" if not math.isfinite(loss) else
+                    f"non-finite gradient norm ({norm}, loss {loss:.4g})")
+            msg = f"{what} at step {step}: step skipped ({in_row} in a row)"
         else:
-            self.log("train/outlier_steps", float(self.guard.outliers_total + 1))
-            print(f"warning: {self.guard.outlier(loss.item(), norm.item(), self.global_step)}")
+            msg = self.guard.outlier_message(loss, norm, step, in_row)
+        if new_nonfinite + new_outliers > 1:
+            msg += f"; {new_nonfinite} non-finite and {new_outliers} outlier steps skipped since the last logged row"
+        if values[NONFINITE_IN_ROW] >= self.max_nonfinite:
+            raise FloatingPointError(f"{msg}; stopping after {self.max_nonfinite} in a row (max_nonfinite="
+                                     f"{self.max_nonfinite}; lower the LR or use fp32)")
+        self.guard.check_in_row(msg, counts[IN_ROW])
+        print(f"warning: {msg}")
 
-    def _on_every_rank(self, flag: torch.Tensor) -> bool:
-        """Whether `flag` holds on every rank: the step's one host sync (the all-reduce stays on the device), so every
-        rank decides together (one rank's NaN must not leave the others waiting in the next collective)."""
+    def _on_every_rank(self, *flags: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Whether each flag holds on every rank, as device tensors: one all-reduce, no host sync, so every rank
+        decides together (one rank's NaN must not leave the others waiting in the next collective)."""
+        held = torch.stack([f.float() for f in flags])
         world = self.trainer.world_size
-        if world > 1:
-            return bool(self.trainer.strategy.reduce(flag.float(), reduce_op="sum") == world)
-        return bool(flag)
+        if world > 1 and torch.distributed.is_initialized():  # not strategy.reduce: Lightning's adds a barrier
+            torch.distributed.all_reduce(held)
+        return tuple((held == world).unbind())
 
     def _clip(self, optimizer, clip_val, algorithm) -> torch.Tensor:
         """Lightning's clipping (the same call, so the same floats); returns the global gradient norm before it."""
@@ -153,30 +217,11 @@ class GeneratorModule(L.LightningModule):
             norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
-    def _skip_nonfinite(self, loss, norm):
-        self.nonfinite_in_row += 1
-        self.nonfinite_total += 1
-        self.log("train/nonfinite_steps", float(self.nonfinite_total))
-        what = (f"non-finite loss ({loss.item()})" if not torch.isfinite(loss) else
-                f"non-finite gradient norm ({norm.item()}, loss {loss.item():.4g})")
-        msg = f"{what} at step {self.global_step}: step skipped ({self.nonfinite_in_row} in a row)"
-        if self.nonfinite_in_row >= self.max_nonfinite:
-            raise FloatingPointError(f"{msg}; stopping after {self.max_nonfinite} in a row (lower the LR or use fp32)")
-        print(f"warning: {msg}")
-
     def validation_step(self, batch, batch_idx):
         loss, per_scale = self._loss(batch, drop_labels=False)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
-        self._log_scales("val", per_scale, sync_dist=True)
-
-    def _log_scales(self, split: str, per_scale: dict, **kw) -> None:
-        """Per-scale values from the head (loss, accuracy, ...) and their mean over scales."""
-        names = next(iter(per_scale.values())).keys()
-        for name in names:
-            if name != "loss":
-                self.log(f"{split}/{name}", torch.stack([v[name] for v in per_scale.values()]).mean(), **kw)
-            for si, v in per_scale.items():
-                self.log(f"{split}_scale/{name}_s{si}", v[name], **kw)
+        for name, value in scale_values("val", per_scale).items():
+            self.log(name, value, sync_dist=True)
 
     def on_validation_epoch_end(self):
         if self.trainer.sanity_checking or not (self.trainer.is_global_zero or is_sharded(self)):
@@ -195,7 +240,7 @@ class GeneratorModule(L.LightningModule):
         return self.lr_schedule.base_lr * self.batch_size * world * accumulate / 256
 
     def configure_optimizers(self):
-        return self.make_optimizer(param_groups(self.generator), lr=self.peak_lr)
+        return build_optimizer(self.make_optimizer, param_groups(self.generator), lr=self.peak_lr)
 
     def _total_steps(self) -> int:
         total = self.trainer.estimated_stepping_batches
@@ -205,30 +250,34 @@ class GeneratorModule(L.LightningModule):
         self.lr_schedule.apply(self.optimizers(), self.global_step, self._total_steps(), self.peak_lr)
         forget_step_values(self.trainer)
 
+    def on_train_end(self) -> None:
+        self._report()  # skipped steps after the last logged row still warn (and stop a run at its limit)
 
     def optimizer_step(self, *args, **kwargs):
         super().optimizer_step(*args, **kwargs)  # the closure runs in it: training_step, backward, the guard's verdict
-        if not self._skipped:  # a skipped step moves nothing, the EMA included
-            self._update_ema(self.global_step + 1)  # here, not in on_train_batch_end: the step's checkpoint holds it
+        # here, not in on_train_batch_end: the step's checkpoint holds it; a skipped step moves nothing, the EMA included
+        self._update_ema(self.global_step + 1, self._ok)
 
-    def _update_ema(self, step: int) -> None:
+    def _update_ema(self, step: int, ok: torch.Tensor | None = None) -> None:
         if self.ema is None:
             return
         decay = min(self.ema_decay, (1 + step) / (10 + step))  # short warm-up so early EMA is not the random init
+        weight = 1 - decay if ok is None else torch.where(ok, 1 - decay, 0.0)  # on the device: no host read of `ok`
         with torch.no_grad():
             for e, p in zip(self.ema.parameters(), self.generator.parameters()):
-                e.lerp_(p.detach(), 1 - decay)
+                if isinstance(e, DTensor):  # matching shards: a local lerp (a plain 0-d weight meets no DTensor)
+                    e, p = e.to_local(), p.to_local()
+                e.lerp_(p.detach(), weight)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["scalegen_config"] = self.config
-        checkpoint["nonfinite_total"] = self.nonfinite_total
-        checkpoint["nonfinite_in_row"] = self.nonfinite_in_row
+        checkpoint["nonfinite_in_row"], checkpoint["nonfinite_total"] = self.ledger.totals()
         checkpoint["step_guard"] = self.guard.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.nonfinite_total = checkpoint.get("nonfinite_total", 0)
-        self.nonfinite_in_row = checkpoint.get("nonfinite_in_row", 0)
+        self.ledger.load(checkpoint.get("nonfinite_in_row", 0), checkpoint.get("nonfinite_total", 0))
         self.guard.load_state_dict(checkpoint.get("step_guard", {}))
+        self.ledger.reported = (checkpoint.get("nonfinite_total", 0), self.guard.outliers_total)
 
     # -- generation --------------------------------------------------------------------------------------------------
     def sampling_options(self, **overrides) -> GenerateOptions:
@@ -261,9 +310,11 @@ class GeneratorModule(L.LightningModule):
         model = self.ema if (use_ema and self.ema is not None) else self.generator
         was_training = model.training
         model.eval()  # no drop path while sampling, whatever mode the caller is in
-        try:
-            latent = generate(model.backbone, model.head, self.composition, labels, options, generator=generator,
-                              constrain=constrain)
+        eager = torch.compiler.set_stance("force_eager") if self.compile_blocks else contextlib.nullcontext()
+        try:  # compiled blocks run eager here: a KV cache growing per scale would recompile them at every scale
+            with eager:
+                latent = generate(model.backbone, model.head, self.composition, labels, options, generator=generator,
+                                  constrain=constrain)
         finally:
             model.train(was_training)
         return self.composition.decode(latent).add(1).mul(0.5)
@@ -277,6 +328,18 @@ class GeneratorModule(L.LightningModule):
         if path is not None:
             vutils.save_image(images, path, nrow=n, padding=1, pad_value=1.0)
         return path
+
+
+def scale_values(split: str, per_scale: dict) -> dict[str, torch.Tensor]:
+    """The logged names of the head's per-scale values (loss, accuracy, ...) and of their mean over scales."""
+    names = next(iter(per_scale.values())).keys()
+    out = {}
+    for name in names:
+        if name != "loss":
+            out[f"{split}/{name}"] = torch.stack([v[name] for v in per_scale.values()]).mean()
+        for si, v in per_scale.items():
+            out[f"{split}_scale/{name}_s{si}"] = v[name]
+    return out
 
 
 def forget_step_values(trainer) -> None:

@@ -1,10 +1,11 @@
 """Optimiser pieces of the generator: VAR's no-decay parameter groups and its LR / weight-decay schedule."""
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -55,6 +56,32 @@ def param_groups(module: nn.Module, no_decay_keys: Iterable[str] = NO_DECAY_KEYS
         skip = p.ndim <= 1 or name.endswith("bias") or any(k in name for k in no_decay_keys)
         (no_decay if skip else decay).append(p)
     return [dict(params=decay, wd_scale=1.0), dict(params=no_decay, weight_decay=0.0, wd_scale=0.0)]
+
+
+def build_optimizer(make: Callable[..., torch.optim.Optimizer], groups: list[dict], lr: float) -> torch.optim.Optimizer:
+    """`make(groups, lr=lr)` with the fastest implementation the optimizer has, unless its config chose one: fused
+    when every parameter is a CUDA floating-point tensor (one kernel, and skipped steps stay on the device through
+    `found_inf`), else foreach (the same numbers as the per-tensor loop on the CPU, in fewer kernels)."""
+    chosen = getattr(make, "keywords", {}) or {}
+    try:
+        accepts = inspect.signature(getattr(make, "func", make)).parameters
+    except (TypeError, ValueError):
+        accepts = {}
+    params = [p for group in groups for p in group["params"]]
+    extra = {}
+    if "fused" not in chosen and "foreach" not in chosen:
+        cuda = bool(params) and all(p.is_cuda and torch.is_floating_point(p) for p in params)
+        if cuda and "fused" in accepts:
+            extra["fused"] = True
+        elif "foreach" in accepts:
+            extra["foreach"] = True
+    return make(groups, lr=lr, **extra)
+
+
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer reads a `found_inf` tensor and skips its step on the device when it is 1 (the fused
+    Adam/AdamW/SGD kernels, as torch.amp.GradScaler drives them)."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and bool(optimizer.defaults.get("fused"))
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str = "lin0", wp0: float = 0.005, wpe: float = 0.01) -> float:
