@@ -199,9 +199,9 @@ class FlowNet(nn.Module):
         return {"z": z, "rope": rope, "c": self.cond_embed(z), "kv": kv}
 
     def modulations(self, t: torch.Tensor, context: dict) -> list:
-        """Everything of the network that depends on the time t (..., B or 1) and the condition but not on x: each
+        """Everything of the network that depends on the time t (..., B) and the condition but not on x: each
         block's AdaLN modulations, then the final layer's, each with t's leading dimensions."""
-        t = self.time_embed(t.flatten()).view(*t.shape, 1, -1)  # (..., B or 1, 1, W) against c (B, N, W)
+        t = self.time_embed(t.flatten()).view(*t.shape, 1, -1)  # (..., B, 1, W) against c (B, N, W)
         c = context["c"]
         return [block.modulations(t, c) for block in self.res_blocks] + [self.final_layer.modulations(c + t)]
 
@@ -232,7 +232,8 @@ class GridVelocity:
 
     def _at(self, j: int) -> list:
         if not self.start <= j < self.start + len(self.mods):
-            t = self.times[j:j + self.group].view(-1, 1)  # (g, 1): one time per step, shared by the batch rows
+            # (g, B): a time per step and batch row, so the time embedding's product has the rows a step would give it
+            t = self.times[j:j + self.group, None].expand(-1, self.context["c"].shape[0])
             per_layer = self.net.modulations(t, self.context)  # layer -> parts, each (g, ...)
             self.start, self.mods = j, [[tuple(p[i] for p in parts) for parts in per_layer] for i in range(len(t))]
         return self.mods[j - self.start]
