@@ -17,7 +17,7 @@ from scalegen.schedule.direct import DirectComposition, to_map, to_tokens
 from scalegen.generators import Generator
 from scalegen.generators.flowar import FlowARTransformer
 from scalegen.heads.flow import FlowHead, euler_sample, euler_times
-from scalegen.heads.flownet import TimeEmbed
+from scalegen.heads.flownet import FlowNet, GridVelocity, TimeEmbed
 from scalegen.official import export, load, load_pretrained
 from scalegen.io import CheckpointMismatch
 from scalegen.generation.guidance import ScaleGuidance
@@ -155,6 +155,26 @@ def test_sampling_with_cfg_1_in_train_mode_any_channels():
     z2 = torch.cat([z[:2], torch.randn(2, 4, 32)])
     run = lambda cond, cfg: euler_sample(lambda x, t: net(x, t, cond, (2, 2)), noise, euler_times(4), ScaleGuidance(cfg, "llamagen"), 0.9)
     assert torch.equal(run(z, 1.0)[:2], run(z2, 1.0)[:2]) and not torch.equal(run(z, 2.0)[:2], run(z2, 2.0)[:2])
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_grid_velocity_equals_the_flow_network_step_by_step(cross):
+    """The sampler's velocity, with the AdaLN modulations of several grid times computed at once (chunks of 1, 3
+    and all steps), gives the network's own velocity at every step to float rounding (the products have other row
+    counts); a time off the grid is computed directly."""
+    torch.manual_seed(0)
+    net = FlowNet(3, 32, 16, 2, cross=cross, num_heads=2).eval()
+    z, hw = torch.randn(4, 4, 16), (2, 2)
+    times = euler_times(7)[:-1].float()
+    with torch.no_grad():
+        context = net.context(z, hw)
+        for rows in (1, 3 * 16, 1024):
+            velocity = GridVelocity(net, context, times, rows=rows)
+            for t in times:
+                x = torch.randn(4, 4, 3)
+                assert torch.allclose(velocity(x, t.expand(4)), net(x, t.expand(4), z, hw), atol=1e-5, rtol=0)
+            off = torch.full((4,), 0.123)
+            assert torch.equal(velocity(x, off), net(x, off, z, hw))
 
 
 def test_loss_weights_follow_token_counts():

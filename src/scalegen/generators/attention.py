@@ -41,6 +41,19 @@ def ada_linear(cond_dim: int, out_dim: int) -> nn.Sequential:
     return nn.Sequential(nn.SiLU(inplace=False), nn.Linear(cond_dim, out_dim))
 
 
+def block_modulations(block: nn.Module, cond: torch.Tensor, chunks: int, generating: bool) -> tuple[torch.Tensor, ...]:
+    """A block's AdaLN modulations of `cond`, `chunks` tensors (B, 1, C). While generating they are kept for the
+    condition tensor: it is the same at every scale, and the projection's few rows would reread its weights."""
+    if block.shared_aln:
+        return (block.ada_gss + cond).unbind(2)
+    memo = block.__dict__.get("_ada_memo")
+    if generating and memo is not None and memo[0] is cond:
+        return memo[1]
+    mods = block.ada_lin(cond).view(-1, 1, chunks, block.dim).unbind(2)
+    block._ada_memo = (cond, mods) if generating else None
+    return mods
+
+
 class SelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0, attn_l2_norm: bool = True,
                  qkv_bias: str = "qv", scale: float | None = None):
@@ -125,11 +138,7 @@ class AdaLNBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor, attn_bias: torch.Tensor | None = None,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        if self.shared_aln:
-            mods = (self.ada_gss + cond).unbind(2)
-        else:
-            mods = self.ada_lin(cond).view(-1, 1, 6, self.dim).unbind(2)
-        gamma1, gamma2, scale1, scale2, shift1, shift2 = mods
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = block_modulations(self, cond, 6, self.attn.caching)
         x = x + self.drop_path(self.attn(modulate(self.norm(x), scale1, shift1), attn_bias, rope).mul_(gamma1))
         return x + self.drop_path(self.mlp(modulate(self.norm(x), scale2, shift2)).mul(gamma2))
 

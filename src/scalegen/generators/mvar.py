@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from timm.layers import DropPath, Mlp
 
-from scalegen.generators.attention import SelfAttention, ada_linear, modulate
+from scalegen.generators.attention import SelfAttention, ada_linear, block_modulations, modulate
 from scalegen.generators.backbone import AdaLNTransformer
 from scalegen.generators.flexvar import ScalePositions
 from scalegen.generators.mamba2 import Mamba2, MambaState
@@ -56,10 +56,7 @@ class MambaAdaLNBlock(nn.Module):
         self.caching, self.state = enable, None
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor, attn_bias: torch.Tensor | None = None) -> torch.Tensor:
-        if self.shared_aln:
-            mods = (self.ada_gss + cond).unbind(2)
-        else:
-            mods = self.ada_lin(cond).view(-1, 1, self.ada_chunks, self.dim).unbind(2)
+        mods = block_modulations(self, cond, self.ada_chunks, self.caching)
         gamma1, gamma2, gamma3, scale1, scale2, scale3, shift1, shift2, shift3 = mods
         x = x + self.drop_path(self.attn(modulate(self.norm(x), scale1, shift1), attn_bias).mul_(gamma1))
         h = modulate(self.norm(x), scale2, shift2)

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from scalegen.generation.guidance import ScaleGuidance
 from scalegen.generation.options import HeadOptions
-from scalegen.heads.flownet import FlowNet
+from scalegen.heads.flownet import FlowNet, GridVelocity
 
 TIME_GRIDS = ("flowar", "uniform")
 
@@ -142,7 +142,8 @@ class FlowHead(nn.Module):
             inspect("noise", noise)
         context = self.net.context(hidden.float(), size)  # the condition's projections, once per scale
         times = euler_times(num_steps, options.time_grid or self.time_grid)
-        out = euler_sample(lambda x, t: self.net(x, t, None, context=context), noise, times, guidance, high, inspect=inspect)
+        velocity = GridVelocity(self.net, context, times[:-1].to(noise.dtype))  # t as euler_sample passes it
+        out = euler_sample(velocity, noise, times, guidance, high, inspect=inspect)
         if inspect:
             inspect("sampler_out", out)
         B = hidden.shape[0] // 2

@@ -89,9 +89,12 @@ class SpatialAdaLNBlock(nn.Module):
         self.mlp = _mlp(width, mlp_ratio)
         self.ada_lin = nn.Linear(width, 6 * width)
 
-    def forward(self, x, t, c, z, rope, kv_cached=None):
-        B, N, _ = x.shape
-        gamma1, gamma2, scale1, scale2, shift1, shift2 = self.ada_lin(F.silu(t + c)).view(B, N, 6, self.width).unbind(2)
+    def modulations(self, t, c) -> tuple[torch.Tensor, ...]:
+        """(gamma1, gamma2, scale1, scale2, shift1, shift2), each (..., B, N, W): t (..., B or 1, 1, W), c (B, N, W)."""
+        return self.ada_lin(F.silu(t + c)).unflatten(-1, (6, self.width)).unbind(-2)
+
+    def forward(self, x, t, c, z, rope, kv_cached=None, mods=None):
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = self.modulations(t, c) if mods is None else mods
         x = x + self.attn(modulate(self.norm(x), scale1, shift1), rope).mul_(gamma1)
         return x + self.mlp(modulate(self.norm(x), scale2, shift2)).mul_(gamma2)
 
@@ -115,10 +118,14 @@ class CrossAttnBlock(nn.Module):
     def cross_keys_values(self, z: torch.Tensor, rope):
         return self.crossattn.keys_values(self.norm2_2(z), rope)
 
-    def forward(self, x, t, c, z, rope, kv_cached=None):
-        B, N, _ = x.shape
-        gamma1, scale1, shift1 = self.ada_lin_attn(F.silu(t)).view(B, 1, 3, self.width).unbind(2)
-        gamma2, scale2, shift2 = self.ada_lin_mlp(F.silu(c + t)).view(B, N, 3, self.width).unbind(2)
+    def modulations(self, t, c) -> tuple[torch.Tensor, ...]:
+        """(gamma1, scale1, shift1) of the self-attention, (..., B or 1, 1, W) from t alone, then (gamma2, scale2,
+        shift2) of the MLP, (..., B, N, W): t (..., B or 1, 1, W), c (B, N, W)."""
+        attn = self.ada_lin_attn(F.silu(t)).unflatten(-1, (3, self.width)).unbind(-2)
+        return attn + self.ada_lin_mlp(F.silu(c + t)).unflatten(-1, (3, self.width)).unbind(-2)
+
+    def forward(self, x, t, c, z, rope, kv_cached=None, mods=None):
+        gamma1, scale1, shift1, gamma2, scale2, shift2 = self.modulations(t, c) if mods is None else mods
         x = x + self.attn(modulate(self.norm(x), scale1, shift1), rope).mul_(gamma1)
         kv_cached = kv_cached if kv_cached is not None else self.cross_keys_values(z, rope)
         x = x + self.crossattn(self.norm2_1(x), rope, kv_cached=kv_cached)
@@ -134,8 +141,11 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(width, out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
 
-    def forward(self, x: torch.Tensor, tc: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(tc).chunk(2, dim=-1)
+    def modulations(self, tc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.adaLN_modulation(tc).chunk(2, dim=-1)
+
+    def forward(self, x: torch.Tensor, tc: torch.Tensor | None, mods=None) -> torch.Tensor:
+        shift, scale = self.modulations(tc) if mods is None else mods
         return self.linear(modulate(self.norm(x), scale, shift))
 
 
@@ -188,12 +198,48 @@ class FlowNet(nn.Module):
         kv = [blk.cross_keys_values(z, rope) if blk.cross else None for blk in self.res_blocks]
         return {"z": z, "rope": rope, "c": self.cond_embed(z), "kv": kv}
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor | None, hw: tuple[int, int] | None = None,
-                context: dict | None = None) -> torch.Tensor:
+    def modulations(self, t: torch.Tensor, context: dict) -> list:
+        """Everything of the network that depends on the time t (..., B) and the condition but not on x: each
+        block's AdaLN modulations, then the final layer's, each with t's leading dimensions."""
+        t = self.time_embed(t.flatten()).view(*t.shape, 1, -1)  # (..., B, 1, W) against c (B, N, W)
+        c = context["c"]
+        return [block.modulations(t, c) for block in self.res_blocks] + [self.final_layer.modulations(c + t)]
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | None, z: torch.Tensor | None,
+                hw: tuple[int, int] | None = None, context: dict | None = None, mods: list | None = None) -> torch.Tensor:
+        """`mods`: `modulations(t, context)` when already computed (then t is not used)."""
         ctx = context if context is not None else self.context(z, hw)
+        mods = self.modulations(t, ctx) if mods is None else mods
         x = self.input_proj(x)
-        t = self.time_embed(t).unsqueeze(1)
-        c = ctx["c"]
-        for block, kv in zip(self.res_blocks, ctx["kv"]):
-            x = block(x, t, c, ctx["z"], ctx["rope"], kv)
-        return self.final_layer(x, c + t)
+        for block, kv, m in zip(self.res_blocks, ctx["kv"], mods):
+            x = block(x, None, None, ctx["z"], ctx["rope"], kv, mods=m)
+        return self.final_layer(x, None, mods=mods[-1])
+
+
+class GridVelocity:
+    """velocity(x, t) of a FlowNet for the times of a fixed grid, called in the grid's order (the Euler sampler).
+
+    The AdaLN modulations depend on t and the condition but not on x, so they are computed for `rows // (B*N)`
+    grid times at once: one large matrix product per layer instead of one per step, whose few rows (B*N at the
+    small scales) would reread the whole weight matrix each step. A t off the grid is computed directly.
+    """
+
+    def __init__(self, net: FlowNet, context: dict, times: torch.Tensor, rows: int = 1024):
+        self.net, self.context, self.times = net, context, times
+        self.values = times.tolist()
+        self.group = max(1, rows // context["c"].shape[:-1].numel())
+        self.start, self.mods, self.next = 0, [], 0
+
+    def _at(self, j: int) -> list:
+        if not self.start <= j < self.start + len(self.mods):
+            # (g, B): a time per step and batch row, so the time embedding's product has the rows a step would give it
+            t = self.times[j:j + self.group, None].expand(-1, self.context["c"].shape[0])
+            per_layer = self.net.modulations(t, self.context)  # layer -> parts, each (g, ...)
+            self.start, self.mods = j, [[tuple(p[i] for p in parts) for parts in per_layer] for i in range(len(t))]
+        return self.mods[j - self.start]
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.next < len(self.values) and bool((t == self.values[self.next]).all()):
+            self.next += 1
+            return self.net(x, None, None, context=self.context, mods=self._at(self.next - 1))
+        return self.net(x, t, None, context=self.context)

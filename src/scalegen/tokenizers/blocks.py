@@ -17,6 +17,17 @@ def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
 
 
+def silu(h: torch.Tensor) -> torch.Tensor:
+    """F.silu, in place on `h` (a fresh norm output) where autograd keeps nothing: each fresh map above 32 MB (glibc's
+    largest mmap threshold; 128 x 256^2 floats) is a new mmap whose page faults cost as much as the op itself."""
+    return F.silu(h, inplace=not torch.is_grad_enabled())
+
+
+def residual(shortcut: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """shortcut + h (the same rounding either way), into h where autograd keeps nothing."""
+    return shortcut + h if torch.is_grad_enabled() else h.add_(shortcut)
+
+
 class ResnetBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0, norm_groups: int = 32):
         super().__init__()
@@ -29,9 +40,9 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return self.nin_shortcut(x) + h
+        h = self.conv1(silu(self.norm1(x)))
+        h = self.conv2(self.dropout(silu(self.norm2(h))))
+        return residual(self.nin_shortcut(x), h)
 
 
 class AttnBlock(nn.Module):
@@ -140,7 +151,7 @@ class Encoder(nn.Module):
             if hasattr(level, "downsample"):
                 h = level.downsample(h)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(silu(self.norm_out(h)))
 
 
 class Decoder(nn.Module):
@@ -178,4 +189,4 @@ class Decoder(nn.Module):
                     h = level.attn[i](h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(silu(self.norm_out(h)))

@@ -12,12 +12,20 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from scalegen.tokenizers.blocks import AttnBlockQKV, Downsample, ResnetBlock as _ResnetBlock, Upsample, group_norm
+from scalegen.tokenizers.blocks import (
+    AttnBlockQKV,
+    Downsample,
+    ResnetBlock as _ResnetBlock,
+    Upsample,
+    group_norm,
+    residual,
+)
 
 
 def swish(x: torch.Tensor) -> torch.Tensor:
-    """x * sigmoid(x), written out as LlamaGen does: F.silu rounds differently (1e-6 on the latent)."""
-    return x * torch.sigmoid(x)
+    """x * sigmoid(x), written out as LlamaGen does: F.silu rounds differently (1e-6 on the latent). Into the
+    sigmoid's buffer where autograd keeps nothing (the same products; see blocks.silu for why)."""
+    return x * torch.sigmoid(x) if torch.is_grad_enabled() else torch.sigmoid(x).mul_(x)
 
 
 class ResnetBlock(_ResnetBlock):
@@ -26,7 +34,7 @@ class ResnetBlock(_ResnetBlock):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(swish(self.norm1(x)))
         h = self.conv2(self.dropout(swish(self.norm2(h))))
-        return self.nin_shortcut(x) + h
+        return residual(self.nin_shortcut(x), h)
 
 
 def _level(res: list[nn.Module], attn: list[nn.Module]) -> nn.Module:
