@@ -114,19 +114,15 @@ def _flex(device_type: str):
 
 
 def _within_segments(q, k, v, lengths: tuple[int, ...], scale: float, dropout: float) -> torch.Tensor:
-    """Attention inside each segment: one SDPA call per run of equal lengths (the run packed into the batch)."""
-    outs, start = [], 0
-    for n, run in itertools.groupby(lengths):
-        m = len(list(run))
-        end = start + m * n
-        if m == 1:
-            outs.append(F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, start:end], v[:, :, start:end],
-                                                       dropout_p=dropout, scale=scale))
-        else:  # (B, H, m*n, d) -> (B*m, H, n, d): the m equal segments become batch entries
-            qs, ks, vs = (t[:, :, start:end].unflatten(2, (m, n)).transpose(1, 2).flatten(0, 1) for t in (q, k, v))
-            out = F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout, scale=scale)
-            outs.append(out.unflatten(0, (q.shape[0], m)).transpose(1, 2).flatten(2, 3))
-        start = end
+    """Attention inside each segment: one SDPA call per segment, or per run of equal lengths packed into the batch.
+    `split` (not slicing): its backward is one concatenation, where each slice's would fill a whole-sequence gradient."""
+    runs = [(n, len(list(run))) for n, run in itertools.groupby(lengths)]
+    outs = []
+    for (n, m), qs, ks, vs in zip(runs, *(t.split([n * m for n, m in runs], dim=2) for t in (q, k, v))):
+        if m > 1:  # (B, H, m*n, d) -> (B*m, H, n, d)
+            qs, ks, vs = (t.unflatten(2, (m, n)).transpose(1, 2).flatten(0, 1) for t in (qs, ks, vs))
+        out = F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout, scale=scale)
+        outs.append(out.unflatten(0, (q.shape[0], m)).transpose(1, 2).flatten(2, 3) if m > 1 else out)
     return torch.cat(outs, dim=2)
 
 
