@@ -11,7 +11,6 @@ Reference: VAR's models/basic_var.py:58-162.
 from __future__ import annotations
 
 import importlib.util
-import itertools
 import logging
 import math
 from dataclasses import dataclass
@@ -116,7 +115,12 @@ def _flex(device_type: str):
 def _within_segments(q, k, v, lengths: tuple[int, ...], scale: float, dropout: float) -> torch.Tensor:
     """Attention inside each segment: one SDPA call per segment, or per run of equal lengths packed into the batch.
     `split` (not slicing): its backward is one concatenation, where each slice's would fill a whole-sequence gradient."""
-    runs = [(n, len(list(run))) for n, run in itertools.groupby(lengths)]
+    runs: list[list[int]] = []  # [length, count] of each run of equal lengths
+    for n in lengths:
+        if runs and runs[-1][0] == n:
+            runs[-1][1] += 1
+        else:
+            runs.append([n, 1])
     outs = []
     for (n, m), qs, ks, vs in zip(runs, *(t.split([n * m for n, m in runs], dim=2) for t in (q, k, v))):
         if m > 1:  # (B, H, m*n, d) -> (B*m, H, n, d)
