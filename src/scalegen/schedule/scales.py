@@ -5,8 +5,7 @@ sequence, the scale id of every position and the attention masks over scales: bl
 of its own and of coarser scales; VAR, FlexVAR, FlowAR) and block-diagonal (its own scale only; M-VAR), each as a
 dense additive bias and as FlexAttention's BlockMask. Masks and level ids are built once per (schedule, device,
 dtype) and shared, so a schedule drawn per training step or at sampling time costs one build; treat them as
-read-only. The resampling used to move between scales lives here
-too, once: `area` down, `bicubic` up.
+read-only. The resampling used to move between scales lives here too, once: `area` down, `bicubic` up.
 """
 from __future__ import annotations
 
