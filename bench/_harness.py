@@ -55,9 +55,9 @@ def timed(fn: Callable[[], object], repeats: int) -> list[float]:
     return out
 
 
-def train_step(experiment: str, batch: int = 2) -> Callable[[], None]:
+def train_step(experiment: str, batch: int = 2, *overrides: str) -> Callable[[], None]:
     """Forward + backward of a categorical-head preset on random tokens (no optimizer step), teacher-forced."""
-    _, generator, composition = build(experiment)
+    _, generator, composition = build(experiment, *overrides)
     generator.train()
     L = composition.scales.num_tokens
     labels = torch.randint(0, 1000, (batch,))

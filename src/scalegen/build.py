@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from scalegen.errors import ConfigError
 from scalegen.generation.options import GenerateOptions
 from scalegen.generators import Generator, init_var_weights
+from scalegen.generators.attention import ATTENTION_PATHS, flex_unavailable
 from scalegen.official import load_tokenizer_weights
 from scalegen.scaleout.distributed import compiler_problem
 from scalegen.schedule.anyscale import fixed_parts
@@ -56,7 +57,7 @@ def check_node(node: DictConfig, path: str, derived: Iterable[str] = (), *, part
     return cls
 
 
-BACKBONE_DERIVED = ("num_classes", "token_dim", "scales")
+BACKBONE_DERIVED = ("num_classes", "token_dim", "scales", "attention")
 HEAD_DERIVED = ("width", "cond_dim", "vocab_size", "token_dim")
 COMPOSITION_DERIVED = ("tokenizer", "scales")
 
@@ -64,7 +65,7 @@ COMPOSITION_DERIVED = ("tokenizer", "scales")
 # the top-level keys a run reads; `extra` is the free namespace for your own keys (sweep tags, notes), read by nothing
 RUN_KEYS = ("data", "tokenizer", "backbone", "head", "model", "trainer", "logger", "callbacks", "scales", "task", "seed",
             "tokenizer_ckpt", "init_from", "resume", "resume_changes", "max_nonfinite", "guard", "activation_checkpointing",
-            "compile", "budget", "tokenizer_training",
+            "attention", "compile", "budget", "tokenizer_training",
             "sample", "hydra", "output_dir", "extra")
 MODEL_KEYS = ("name", "cond_drop_rate", "ema_decay", "init", "optimizer", "lr_schedule", "composition", "train_scales")
 TRAINER_DERIVED = ("default_root_dir", "callbacks", "plugins", "logger")
@@ -195,6 +196,27 @@ def composition_name(cls: type) -> str:
     return cls.__module__.rsplit(".", 1)[-1]
 
 
+def check_attention(cfg: DictConfig) -> None:
+    """attention: auto | dense | flex; flex only where FlexAttention can train (on the trainer's accelerator, without
+    attention dropout), else refused now with the reason."""
+    path = cfg.get("attention", "auto")
+    if path not in ATTENTION_PATHS:
+        raise ConfigError(f"attention: {path!r} is not one of {' | '.join(ATTENTION_PATHS)} (auto: FlexAttention where "
+                          "it runs, else the dense mask)")
+    if path != "flex":
+        return
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        accelerator = "cuda"
+    elif accelerator == "auto":
+        accelerator = "cpu"
+    why = flex_unavailable(accelerator, float(cfg.backbone.get("attn_drop_rate") or 0.0))
+    if why:
+        raise ConfigError(f"attention=flex: {why} (trainer.accelerator={cfg.trainer.get('accelerator', 'auto')}, "
+                          f"backbone.attn_drop_rate={cfg.backbone.get('attn_drop_rate', 0.0)}); use attention=dense, "
+                          "or attention=auto (FlexAttention where it runs, else dense)")
+
+
 def check_optimizer(model: DictConfig) -> None:
     """model.optimizer: a partial optimizer (its params and LR come from the module); model.lr_schedule: VAR's schedule."""
     check_node(model.get("optimizer"), "model.optimizer", ("params", "lr"), partial=True,
@@ -208,7 +230,9 @@ def check_generator_config(cfg: DictConfig) -> None:
     """Everything that can be known wrong before building: keys, ranges, pairings, scale list vs latent size."""
     check_run_config(cfg)
     tok_cls = check_node(cfg.tokenizer, "tokenizer", group="tokenizer")
-    backbone_cls = check_node(cfg.backbone, "backbone", BACKBONE_DERIVED, group="backbone")
+    backbone_cls = check_node(cfg.backbone, "backbone", BACKBONE_DERIVED, group="backbone",
+                              derived_from="the other parts (tokenizer, data, scales) and the run (attention)")
+    check_attention(cfg)
     head_cls = check_node(cfg.head, "head", HEAD_DERIVED, group="head")
     comp_cls = check_node(cfg.model.get("composition"), "model.composition", COMPOSITION_DERIVED, partial=True,
                           group="composition")
@@ -361,7 +385,7 @@ def build_generator(cfg: DictConfig, tokenizer, num_classes: int):
     check_node(cfg.model.get("composition"), "model.composition", COMPOSITION_DERIVED, partial=True, group="composition")
     composition = instantiate(cfg.model.composition, _convert_="all")(tokenizer, list(cfg.scales))
     backbone = instantiate(cfg.backbone, num_classes=num_classes, token_dim=composition.token_dim,
-                           scales=composition.scales.sizes, _convert_="all")
+                           scales=composition.scales.sizes, attention=cfg.get("attention", "auto"), _convert_="all")
     head = instantiate(cfg.head, width=backbone.width, cond_dim=backbone.width, vocab_size=composition.vocab_size,
                        token_dim=composition.token_dim, _convert_="all")
     generator = Generator(backbone, head)

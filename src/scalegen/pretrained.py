@@ -7,6 +7,7 @@ import torch
 from omegaconf import OmegaConf
 
 from scalegen.build import build_generator, build_tokenizer
+from scalegen.generators.attention import check_attention_path
 from scalegen.hub import resolve
 from scalegen.io import load_lightning_checkpoint, load_strict
 from scalegen.official import load_pretrained
@@ -14,7 +15,7 @@ from scalegen.official.registry import UNREADABLE, not_a_checkpoint, recognise
 from scalegen.training.module import GeneratorModule
 
 
-def load_generator(path: str, vae_path: str | None = None, device: str | torch.device = "cpu"):
+def load_generator(path: str, vae_path: str | None = None, device: str | torch.device = "cpu", attention: str = "auto"):
     """A `GeneratorModule` in eval mode.
 
     `path` is a scalegen training checkpoint (`.ckpt`, which carries its config and tokenizer), or an official
@@ -22,7 +23,8 @@ def load_generator(path: str, vae_path: str | None = None, device: str | torch.d
     M-VAR's `d16.pth`, FlexVAR's `FlexVARd16-epo179.pth`, FlowAR's `FlowAR-L.pth`. Then `vae_path` names the
     tokenizer release it pairs with (`vae_ch160v4096z32.pth`, `FlexVAE.pth`, `kl16.ckpt`), and the module samples
     with the release's official defaults. Either may be `hf://<owner>/<repo>/<file>` or a release name
-    (`var_d16`, `vae_var`; `scalegen.hub.HUB_FILES`).
+    (`var_d16`, `vae_var`; `scalegen.hub.HUB_FILES`). `attention` (auto | dense | flex) is the path of a teacher-forced
+    pass on this machine (the training run's choice was its own machine's); sampling runs without a mask on any path.
     """
     path, vae_path = resolve(path, "ckpt"), resolve(vae_path, "vae_ckpt")  # Hub ids and release names (official.hub)
     if not Path(path).exists():
@@ -41,6 +43,9 @@ def load_generator(path: str, vae_path: str | None = None, device: str | torch.d
         release = load_pretrained(str(path), None if vae_path is None else str(vae_path))
         module = GeneratorModule(release.tokenizer, release.generator, release.composition, ema_decay=None,
                                  sample=release.sample)
+    for generator in (module.generator, module.ema):
+        if generator is not None:
+            generator.backbone.attention = check_attention_path(attention)
     return module.to(device).eval()
 
 

@@ -1,13 +1,21 @@
 """The AdaLN transformer block: self-attention with a KV cache, an MLP, and adaptive LayerNorm from the class.
 
-One attention module serves the block-causal training forward (an additive mask over the whole sequence) and
-the scale-by-scale generation (keys/values of earlier scales cached; the new scale sees them and itself, which
-is exactly the training mask). Reference: VAR's models/basic_var.py:58-162.
+One attention module serves the teacher-forced training forward (masked over scales) and the scale-by-scale
+generation (keys/values of earlier scales cached; the new scale sees them and itself, which is exactly the training
+mask, so no mask is passed and SDPA may take its flash/efficient kernels). The teacher-forced mask takes one of the
+paths of `attention` (auto | dense | flex), picked per call by `sequence_mask`: the dense additive bias through SDPA,
+FlexAttention's BlockMask (block-sparse kernels; compiled on CUDA), or, for attention within each scale (M-VAR),
+one SDPA call per scale (or per run of equal-size scales) without any mask. `attend` runs whichever it is given.
+Reference: VAR's models/basic_var.py:58-162.
 """
 from __future__ import annotations
 
+import importlib.util
+import logging
 import math
+from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING, Union
 
 import torch
 import torch.nn as nn
@@ -15,6 +23,124 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, SwiGLU
 
 from scalegen.generators.rope import apply_rope
+from scalegen.schedule.scales import ScaleSchedule
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
+
+log = logging.getLogger(__name__)
+
+ATTENTION_PATHS = ("auto", "dense", "flex")
+
+
+@dataclass(frozen=True)
+class WithinSegments:
+    """Attention inside consecutive segments of these lengths only (M-VAR's within-scale attention, no mask)."""
+
+    lengths: tuple[int, ...]
+
+
+# None (no mask) | a dense additive bias (L, L) | FlexAttention's BlockMask | WithinSegments
+AttnMask = Union[torch.Tensor, "BlockMask", WithinSegments, None]
+
+_LOGGED: set = set()
+
+
+def _log_once(message: str) -> None:
+    if message not in _LOGGED:
+        _LOGGED.add(message)
+        log.info(message)
+
+
+def check_attention_path(path: str, key: str = "attention") -> str:
+    if path not in ATTENTION_PATHS:
+        raise ValueError(f"{key}={path!r}: allowed are {' | '.join(ATTENTION_PATHS)} (auto: flex where it runs, else dense)")
+    return path
+
+
+def flex_unavailable(device_type: str, dropout: float = 0.0) -> str | None:
+    """Why FlexAttention cannot run a teacher-forced training pass on `device_type` (None: it can)."""
+    if dropout > 0:
+        return f"FlexAttention has no attention dropout (attn_drop_rate {dropout:g})"
+    if device_type != "cuda":
+        # measured on 2 cores, VAR-d16 shapes: dense SDPA 29 ms, flex 258 ms eager / 196 ms compiled, forward only
+        return (f"FlexAttention has no backward on {device_type} in torch {torch.__version__.split('+')[0]}, and its "
+                f"{device_type} forward is slower than the dense path")
+    if not torch.cuda.is_available():
+        return "no CUDA device is visible"
+    if importlib.util.find_spec("triton") is None:
+        return "its CUDA kernels need triton, which is not installed"
+    return None
+
+
+def sequence_mask(sched: ScaleSchedule, kind: str, path: str, device: torch.device, dropout: float = 0.0,
+                  length: int | None = None) -> AttnMask:
+    """The mask of a teacher-forced pass over `sched` of `kind` (block_causal | block_diagonal) on `path`.
+
+    dense: the (L, L) bias; flex: the schedule's BlockMask; auto: within each scale (block_diagonal) one attention
+    per scale, else the BlockMask where FlexAttention runs (`flex_unavailable`), else the dense bias (said once).
+    `dropout` is the attention dropout in effect (0 in eval mode); `length` < the schedule's tokens: a prefix."""
+    check_attention_path(path)
+    device = torch.device(device)
+    if length is not None and length != sched.num_tokens:  # a partial sequence: only the dense mask slices
+        return sched.bias(kind, device)[:length, :length]
+    if path == "flex":
+        if dropout > 0:
+            raise ValueError(f"attention=flex: FlexAttention has no attention dropout (attn_drop_rate {dropout:g}); "
+                             "use attention=dense or attn_drop_rate=0")
+        return sched.block_mask(kind, device)
+    if path == "auto":
+        if kind == "block_diagonal":
+            return WithinSegments(tuple(sched.token_counts))
+        why = flex_unavailable(device.type, dropout)
+        if why is None:
+            return sched.block_mask(kind, device)
+        _log_once(f"attention=auto: the {kind} pass takes the dense path ({why})")
+    return sched.bias(kind, device)
+
+
+_FLEX: dict = {}
+
+
+def _flex(device_type: str):
+    """flex_attention, compiled on CUDA (uncompiled it materialises the whole score matrix); eager elsewhere, the
+    reference implementation (no-grad passes and tests on CPU)."""
+    if device_type not in _FLEX:
+        from torch.nn.attention.flex_attention import flex_attention  # loads torch's compiler stack: on use only
+
+        _FLEX[device_type] = torch.compile(flex_attention) if device_type == "cuda" else flex_attention
+    return _FLEX[device_type]
+
+
+def _within_segments(q, k, v, lengths: tuple[int, ...], scale: float, dropout: float) -> torch.Tensor:
+    """Attention inside each segment: one SDPA call per segment, or per run of equal lengths packed into the batch.
+    `split` (not slicing): its backward is one concatenation, where each slice's would fill a whole-sequence gradient."""
+    runs: list[list[int]] = []  # [length, count] of each run of equal lengths
+    for n in lengths:
+        if runs and runs[-1][0] == n:
+            runs[-1][1] += 1
+        else:
+            runs.append([n, 1])
+    outs = []
+    for (n, m), qs, ks, vs in zip(runs, *(t.split([n * m for n, m in runs], dim=2) for t in (q, k, v))):
+        if m > 1:  # (B, H, m*n, d) -> (B*m, H, n, d)
+            qs, ks, vs = (t.unflatten(2, (m, n)).transpose(1, 2).flatten(0, 1) for t in (qs, ks, vs))
+        out = F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout, scale=scale)
+        outs.append(out.unflatten(0, (q.shape[0], m)).transpose(1, 2).flatten(2, 3) if m > 1 else out)
+    return torch.cat(outs, dim=2)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttnMask, scale: float,
+           dropout: float = 0.0) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v over (B, H, L, d), whichever form the mask takes (see AttnMask)."""
+    if isinstance(mask, WithinSegments):
+        return _within_segments(q, k, v, mask.lengths, scale, dropout)
+    if mask is None or isinstance(mask, torch.Tensor):
+        bias = None if mask is None else mask.to(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=scale)
+    if dropout > 0:
+        raise ValueError("attention=flex: FlexAttention has no attention dropout; use attention=dense or attn_drop_rate=0")
+    return _flex(q.device.type)(q, k, v, block_mask=mask, scale=scale)
 
 
 def modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -85,7 +211,7 @@ class SelfAttention(nn.Module):
     def kv_caching(self, enable: bool) -> None:
         self.caching, self.cached_k, self.cached_v = enable, None, None
 
-    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, mask: AttnMask = None,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         B, L, C = x.shape
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias)) if self.qkv.bias is None else self.qkv.bias
@@ -100,10 +226,7 @@ class SelfAttention(nn.Module):
             if self.cached_k is not None:
                 k, v = torch.cat((self.cached_k, k), dim=2), torch.cat((self.cached_v, v), dim=2)
             self.cached_k, self.cached_v = k, v
-        if attn_bias is not None:
-            attn_bias = attn_bias.to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=self.attn_drop if self.training else 0.0,
-                                             scale=self.scale)
+        out = attend(q, k, v, mask, self.scale, self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, L, C)))
 
 
@@ -136,10 +259,10 @@ class AdaLNBlock(nn.Module):
         else:
             self.ada_lin = ada_linear(cond_dim, 6 * dim)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor, attn_bias: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, mask: AttnMask = None,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         gamma1, gamma2, scale1, scale2, shift1, shift2 = block_modulations(self, cond, 6, self.attn.caching)
-        x = x + self.drop_path(self.attn(modulate(self.norm(x), scale1, shift1), attn_bias, rope).mul_(gamma1))
+        x = x + self.drop_path(self.attn(modulate(self.norm(x), scale1, shift1), mask, rope).mul_(gamma1))
         return x + self.drop_path(self.mlp(modulate(self.norm(x), scale2, shift2)).mul(gamma2))
 
 

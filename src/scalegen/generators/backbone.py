@@ -1,6 +1,7 @@
 """The sequence model over scales: embeddings of the class and the per-scale inputs, AdaLN blocks, a KV cache.
 
-Position p of scale k sees every position of scales <= k (block-causal). The first scale's input is the class
+Position p of scale k sees every position of scales <= k (block-causal; `attention` picks how the teacher-forced
+pass masks it: auto | dense | flex, see generators/attention.py). The first scale's input is the class
 embedding itself (the start token); the inputs of scale k come from the tokenizer's composition of scales < k.
 Every call takes the run's schedule (`scales`, None: the one the backbone was built with); VAR's backbone learns
 a position per token of that schedule, so it is tied to it (`scale_free = False`) and refuses another one.
@@ -12,7 +13,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from scalegen.generators.attention import AdaLNBlock, ada_linear
+from scalegen.generators.attention import AdaLNBlock, AttnMask, ada_linear, check_attention_path, sequence_mask
 from scalegen.schedule.anyscale import own_or
 from scalegen.schedule.scales import VAR_256, ScaleSchedule
 
@@ -20,12 +21,14 @@ from scalegen.schedule.scales import VAR_256, ScaleSchedule
 class AdaLNTransformer(nn.Module):
     ada_chunks = 6  # AdaLN vectors per block (gamma, scale, shift of attention and MLP); M-VAR's blocks take 9
     scale_free = False  # one learnt position and level embedding per token of the schedule it was built with
+    mask_kind = "block_causal"  # a query sees its own and coarser scales (M-VAR: block_diagonal, its own only)
 
     def __init__(self, num_classes: int = 1000, token_dim: int = 32, scales: Sequence = VAR_256, depth: int = 16,
                  width: int | None = None, num_heads: int | None = None, mlp_ratio: float = 4.0, drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, drop_path_rate: float | None = None, norm_eps: float = 1e-6,
-                 shared_aln: bool = False, attn_l2_norm: bool = True):
+                 shared_aln: bool = False, attn_l2_norm: bool = True, attention: str = "auto"):
         super().__init__()
+        self.attention, self.attn_drop_rate = check_attention_path(attention), attn_drop_rate
         # VAR's size rule (models/__init__.py): width 64 per layer, one head per layer, drop path 0.1 * depth / 24
         width = width or 64 * depth
         num_heads = num_heads or depth
@@ -61,8 +64,13 @@ class AdaLNTransformer(nn.Module):
         return own_or(self, scales, key)
 
     def attention_bias(self, scales: ScaleSchedule, device=None) -> torch.Tensor:
-        """The teacher-forced pass's mask: a query sees its own and coarser scales (M-VAR: its own only)."""
-        return scales.block_causal_bias(device)
+        """The teacher-forced pass's dense mask (L, L): a query sees its own and coarser scales (M-VAR: its own only)."""
+        return scales.bias(self.mask_kind, device)
+
+    def attention_mask(self, scales: ScaleSchedule, length: int, device) -> AttnMask:
+        """The mask the teacher-forced pass runs with, on this backbone's `attention` path (`sequence_mask`)."""
+        dropout = self.attn_drop_rate if self.training else 0.0
+        return sequence_mask(scales, self.mask_kind, self.attention, device, dropout, length)
 
     def level_pos(self, scales: ScaleSchedule) -> torch.Tensor:
         """(1, L, C): level embedding + absolute position of every token of `scales`."""
@@ -98,9 +106,9 @@ class AdaLNTransformer(nn.Module):
         L = x.shape[1]
         x = x + self.level_pos(scales)[:, :L]
         block_cond = self.block_cond(cond)
-        bias = self.attention_bias(scales, x.device)[:L, :L]
+        mask = self.attention_mask(scales, L, x.device)
         for block in self.blocks:
-            x = block(x, block_cond, bias)
+            x = block(x, block_cond, mask)
         return x, cond
 
     # -- generation ------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ list, and sizes up to and beyond the grid, run without new parameters: positions
 the schedule each call is given, as the official forward does from its `infer_patch_nums`.
 
 `ScalePositions` does this for any backbone built like `AdaLNTransformer` (start / embed_scale / forward read
-`level_pos(scales)` and `attention_bias(scales)`): `ScaleFreeTransformer` is FlexVAR's backbone (backbone=flexvar);
+`level_pos(scales)` and `attention_mask(scales, ...)`): `ScaleFreeTransformer` is FlexVAR's backbone (backbone=flexvar);
 generators/mvar.py puts the same positions on M-VAR's Mamba blocks (backbone=mvar_flex).
 """
 from __future__ import annotations
@@ -67,6 +67,6 @@ class ScaleFreeTransformer(ScalePositions, AdaLNTransformer):
     def __init__(self, num_classes: int = 1000, token_dim: int = 32, scales: Sequence = VAR_256, depth: int = 16,
                  width: int | None = None, num_heads: int | None = None, mlp_ratio: float = 4.0, drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, drop_path_rate: float | None = None, norm_eps: float = 1e-6,
-                 shared_aln: bool = False, attn_l2_norm: bool = True, pos_grid: int = 32):
+                 shared_aln: bool = False, attn_l2_norm: bool = True, pos_grid: int = 32, attention: str = "auto"):
         super().__init__(num_classes, token_dim, scales, depth, width, num_heads, mlp_ratio, drop_rate, attn_drop_rate,
-                         drop_path_rate, norm_eps, shared_aln, attn_l2_norm, pos_grid=pos_grid)
+                         drop_path_rate, norm_eps, shared_aln, attn_l2_norm, attention, pos_grid=pos_grid)

@@ -6,7 +6,8 @@ learnt position table before each and one after, RMSNorms with gains between the
 list (the first `encoder_depth` are the encoder's), so activation checkpointing and FSDP wrap them as any backbone's.
 Its size knobs are every backbone's (`depth`, `width`, `num_heads`): `depth` counts the blocks of both stacks and is
 split evenly unless a stack's depth is given (`split_depth`), as the releases are symmetric (S 6+6, L 8+8, H 15+15).
-The block-causal mask in training and the KV cache in generation give the same numbers. Reference: FlowAR's models/flowar.py:164-449.
+The block-causal mask in training (on the `attention` path: auto | dense | flex, generators/attention.py) and the KV
+cache in generation give the same numbers. Reference: FlowAR's models/flowar.py:164-449.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from scalegen.generators.attention import AdaLNBlock, RMSNorm
+from scalegen.generators.attention import AdaLNBlock, AttnMask, RMSNorm, check_attention_path, sequence_mask
 from scalegen.generators.rope import rope_table
 from scalegen.schedule.anyscale import own_or
 from scalegen.schedule.scales import ScaleSchedule
@@ -51,8 +52,9 @@ class FlowARTransformer(nn.Module):
                  width: int = 768, depth: int | None = None, num_heads: int = 12, encoder_depth: int | None = None,
                  decoder_depth: int | None = None,
                  mlp_ratio: float = 4.0, attn_drop_rate: float = 0.0, proj_drop_rate: float = 0.0,
-                 norm_eps: float = 1e-6, rope_grid: float = 16, rope_theta: float = 10000.0):
+                 norm_eps: float = 1e-6, rope_grid: float = 16, rope_theta: float = 10000.0, attention: str = "auto"):
         super().__init__()
+        self.attention, self.attn_drop_rate = check_attention_path(attention), attn_drop_rate
         if width % num_heads:
             raise ValueError(f"backbone.width {width} is not divisible by backbone.num_heads {num_heads}")
         self.scales = ScaleSchedule.of(scales)
@@ -98,18 +100,18 @@ class FlowARTransformer(nn.Module):
         return own_or(self, scales, key)
 
     # -- the two stacks, shared by the full forward and generation -------------------------------------------------
-    def _run(self, blocks, x, cond, bias, rope):
+    def _run(self, blocks, x, cond, mask, rope):
         for blk in blocks:
-            x = blk(x, cond, bias, rope)
+            x = blk(x, cond, mask, rope)
         return x
 
-    def _body(self, x: torch.Tensor, cond: torch.Tensor, begin: int, end: int, bias: torch.Tensor | None) -> torch.Tensor:
+    def _body(self, x: torch.Tensor, cond: torch.Tensor, begin: int, end: int, mask: AttnMask) -> torch.Tensor:
         """Positions [begin, end) of the sequence, embedded -> the head's condition for them."""
         rope = (self.rope_cos[begin:end], self.rope_sin[begin:end])
         x = self.z_proj_ln(x + self.enc_pos[:, begin:end])
-        x = self.encoder_norm(self._run(self.blocks[: self.encoder_depth], x, cond, bias, rope))
+        x = self.encoder_norm(self._run(self.blocks[: self.encoder_depth], x, cond, mask, rope))
         x = self.decoder_embed(x) + self.dec_pos[:, begin:end]
-        x = self.decoder_norm(self._run(self.blocks[self.encoder_depth:], x, cond, bias, rope))
+        x = self.decoder_norm(self._run(self.blocks[self.encoder_depth:], x, cond, mask, rope))
         return x + self.head_pos[:, begin:end]
 
     def start(self, labels: torch.Tensor, scales=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,7 +131,9 @@ class FlowARTransformer(nn.Module):
         x, cond = self.start(labels, scales)
         x = torch.cat((x, self.z_proj(inputs)), dim=1)
         L = x.shape[1]
-        return self._body(x, cond, 0, L, scales.block_causal_bias(x.device)[:L, :L]), cond
+        mask = sequence_mask(scales, "block_causal", self.attention, x.device,
+                             self.attn_drop_rate if self.training else 0.0, L)
+        return self._body(x, cond, 0, L, mask), cond
 
     # -- generation ------------------------------------------------------------------------------------------------
     def kv_caching(self, enable: bool) -> None:

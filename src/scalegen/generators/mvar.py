@@ -7,7 +7,8 @@ The block is VAR's AdaLN block with a third residual branch (OliverRensu/MVAR mo
     x += g2 * Mamba2(LN(x)(1+s2)+b2)    causal over the flat coarse-to-fine sequence
     x += g3 * mlp(LN(x)(1+s3)+b3)
 
-Training runs every scale at once: attention through a block-diagonal mask, Mamba2 over all L tokens. Generation
+Training runs every scale at once: attention inside each scale (one SDPA call per scale, no mask, Σ n_k² instead of
+L² scores; `attention=dense` the block-diagonal bias, `flex` its BlockMask), Mamba2 over all L tokens. Generation
 runs one scale per `step`: attention needs no cache (a scale sees only itself) and each block carries its Mamba2
 state (conv inputs + SSM state) to the next scale, so the prefix is never scanned again (the official code re-runs
 Mamba2 over the whole prefix at every scale). Train and eval mode compute the same thing, at any scale size.
@@ -21,11 +22,11 @@ import torch
 import torch.nn as nn
 from timm.layers import DropPath, Mlp
 
-from scalegen.generators.attention import SelfAttention, ada_linear, block_modulations, modulate
+from scalegen.generators.attention import AttnMask, SelfAttention, ada_linear, block_modulations, modulate
 from scalegen.generators.backbone import AdaLNTransformer
 from scalegen.generators.flexvar import ScalePositions
 from scalegen.generators.mamba2 import Mamba2, MambaState
-from scalegen.schedule.scales import VAR_256, ScaleSchedule
+from scalegen.schedule.scales import VAR_256
 
 
 class MambaAdaLNBlock(nn.Module):
@@ -55,10 +56,10 @@ class MambaAdaLNBlock(nn.Module):
         """On: each call continues the sequence of the previous calls (generation). Off: each call is a whole sequence."""
         self.caching, self.state = enable, None
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor, attn_bias: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, mask: AttnMask = None) -> torch.Tensor:
         mods = block_modulations(self, cond, self.ada_chunks, self.caching)
         gamma1, gamma2, gamma3, scale1, scale2, scale3, shift1, shift2, shift3 = mods
-        x = x + self.drop_path(self.attn(modulate(self.norm(x), scale1, shift1), attn_bias).mul_(gamma1))
+        x = x + self.drop_path(self.attn(modulate(self.norm(x), scale1, shift1), mask).mul_(gamma1))
         h = modulate(self.norm(x), scale2, shift2)
         if self.caching:
             h, self.state = self.mamba.step(h, self.state)
@@ -76,16 +77,17 @@ class MambaAdaLNTransformer(AdaLNTransformer):
     """
 
     ada_chunks = MambaAdaLNBlock.ada_chunks
+    mask_kind = "block_diagonal"  # within each scale; Mamba2 carries the sequence across scales
 
     def __init__(self, num_classes: int = 1000, token_dim: int = 32, scales: Sequence = VAR_256, depth: int = 16,
                  width: int | None = None, num_heads: int | None = None, mlp_ratio: float = 4.0, drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, drop_path_rate: float | None = None, norm_eps: float = 1e-6,
                  shared_aln: bool = False, attn_l2_norm: bool = False, d_state: int = 64, d_conv: int = 4,
-                 expand: int = 2, headdim: int = 64, mamba_backend: str = "auto"):
+                 expand: int = 2, headdim: int = 64, mamba_backend: str = "auto", attention: str = "auto"):
         # read by make_block while the parent builds the blocks (a plain attribute may be set before Module.__init__)
         self.mamba_options = dict(d_state=d_state, d_conv=d_conv, expand=expand, headdim=headdim, mamba_backend=mamba_backend)
         super().__init__(num_classes, token_dim, scales, depth, width, num_heads, mlp_ratio, drop_rate, attn_drop_rate,
-                         drop_path_rate, norm_eps, shared_aln, attn_l2_norm)
+                         drop_path_rate, norm_eps, shared_aln, attn_l2_norm, attention)
         with torch.no_grad():  # the official init_weights: depthwise conv from trunc_normal(0.02), zero bias
             for block in self.blocks:
                 nn.init.trunc_normal_(block.mamba.conv1d.weight, std=0.02)
@@ -93,9 +95,6 @@ class MambaAdaLNTransformer(AdaLNTransformer):
 
     def make_block(self, *args) -> nn.Module:
         return MambaAdaLNBlock(*args, **self.mamba_options)
-
-    def attention_bias(self, scales: ScaleSchedule, device=None) -> torch.Tensor:
-        return scales.block_diagonal_bias(device)  # within each scale; Mamba2 carries the sequence across scales
 
     # -- generation: a Mamba2 state per block instead of a KV cache -----------------------------------------------
     def kv_caching(self, enable: bool) -> None:
@@ -117,7 +116,8 @@ class ScaleFreeMambaTransformer(ScalePositions, MambaAdaLNTransformer):
                  width: int | None = None, num_heads: int | None = None, mlp_ratio: float = 4.0, drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, drop_path_rate: float | None = None, norm_eps: float = 1e-6,
                  shared_aln: bool = False, attn_l2_norm: bool = False, d_state: int = 64, d_conv: int = 4,
-                 expand: int = 2, headdim: int = 64, mamba_backend: str = "auto", pos_grid: int = 32):
+                 expand: int = 2, headdim: int = 64, mamba_backend: str = "auto", pos_grid: int = 32,
+                 attention: str = "auto"):
         super().__init__(num_classes, token_dim, scales, depth, width, num_heads, mlp_ratio, drop_rate, attn_drop_rate,
                          drop_path_rate, norm_eps, shared_aln, attn_l2_norm, d_state, d_conv, expand, headdim,
-                         mamba_backend, pos_grid=pos_grid)
+                         mamba_backend, attention, pos_grid=pos_grid)

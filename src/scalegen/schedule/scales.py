@@ -2,10 +2,10 @@
 
 A schedule is a tuple of (h, w) sizes. It knows the token counts, the offsets of each scale in the flat
 sequence, the scale id of every position and the attention masks over scales: block-causal (a query sees every key
-of its own and of coarser scales; VAR, FlexVAR, FlowAR) and block-diagonal (its own scale only; M-VAR). Masks and
-level ids are built once per (schedule, device, dtype) and shared, so a schedule drawn per training step or at
-sampling time costs one build; treat them as read-only. The resampling used to move between scales lives here
-too, once: `area` down, `bicubic` up.
+of its own and of coarser scales; VAR, FlexVAR, FlowAR) and block-diagonal (its own scale only; M-VAR), each as a
+dense additive bias and as FlexAttention's BlockMask. Masks and level ids are built once per (schedule, device,
+dtype) and shared, so a schedule drawn per training step or at sampling time costs one build; treat them as
+read-only. The resampling used to move between scales lives here too, once: `area` down, `bicubic` up.
 """
 from __future__ import annotations
 
@@ -79,6 +79,12 @@ class ScaleSchedule:
         """(L,) int64: the scale index of every position (VAR's `lvl_1L`). Shared: do not modify in place."""
         return _built(self, "levels", _device(device), torch.long)
 
+    def bias(self, kind: str, device=None, dtype=torch.float32) -> torch.Tensor:
+        """The dense additive mask of `kind` (block_causal | block_diagonal), as the two methods below."""
+        if kind not in MASK_KINDS:
+            raise ValueError(f"mask kind {kind!r}: allowed {MASK_KINDS}")
+        return _built(self, kind, _device(device), dtype)
+
     def block_causal_bias(self, device=None, dtype=torch.float32) -> torch.Tensor:
         """(L, L) additive mask: 0 where key scale <= query scale, -inf elsewhere. Shared: do not modify in place."""
         return _built(self, "block_causal", _device(device), dtype)
@@ -87,9 +93,19 @@ class ScaleSchedule:
         """(L, L) additive mask: 0 where query and key are in the same scale, -inf elsewhere (M-VAR's attention)."""
         return _built(self, "block_diagonal", _device(device), dtype)
 
+    def block_mask(self, kind: str = "block_causal", device=None):
+        """FlexAttention's BlockMask of `kind` (block_causal | block_diagonal: the same pattern as the dense bias of
+        that name) over the whole sequence, for any batch and head count. Shared: do not modify."""
+        if kind not in MASK_KINDS:
+            raise ValueError(f"mask kind {kind!r}: allowed {MASK_KINDS}")
+        return _block_mask(self, kind, _device(device))
+
     def check_final(self, latent_hw: Sequence[int], key: str = "scales") -> None:
         if tuple(latent_hw) != self.final:
             raise ValueError(f"{key}: the last scale {self.final} must equal the latent size {tuple(latent_hw)}")
+
+
+MASK_KINDS = ("block_causal", "block_diagonal")
 
 
 def _device(device) -> torch.device:
@@ -107,6 +123,25 @@ def _built(sched: ScaleSchedule, what: str, device: torch.device, dtype: torch.d
             return lvl
         allowed = lvl[:, None] >= lvl[None, :] if what == "block_causal" else lvl[:, None] == lvl[None, :]
         return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
+
+
+@functools.lru_cache(maxsize=8)
+def _block_mask(sched: ScaleSchedule, kind: str, device: torch.device):
+    """The BlockMask whose mask_mod compares the level ids of query and key (128-token blocks, torch's default)."""
+    from torch.nn.attention.flex_attention import create_block_mask  # loads torch's compiler stack (~1 s): on use only
+
+    L = sched.num_tokens
+    with torch.inference_mode(False), torch.no_grad():
+        # padded to whole blocks with a level past the last: the kernels may evaluate mask_mod on the last block's padding
+        pad = -L % 128
+        lvl = torch.cat((sched.level_ids(device), torch.full((pad,), len(sched), dtype=torch.long, device=device)))
+        if kind == "block_causal":
+            def mask_mod(b, h, q, k):
+                return lvl[q] >= lvl[k]
+        else:
+            def mask_mod(b, h, q, k):
+                return lvl[q] == lvl[k]
+        return create_block_mask(mask_mod, None, None, L, L, device=device)
 
 
 def area_down(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
