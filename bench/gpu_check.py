@@ -55,9 +55,10 @@ METHODS = [("VAR-d16", ("experiment=var_d16", "data.root=/unused")),
 TINY = ("backbone.depth=1", "backbone.width=32", "backbone.num_heads=2")
 DRY_METHODS = [("VAR (tiny)", ("model=var", *TINY)), ("FlexVAR (tiny)", ("model=flexvar", *TINY)),
                ("M-VAR (tiny)", ("model=mvar", *TINY)), ("FlowAR (tiny)", ("model=flowar", *TINY, "tokenizer.scale_factor=1", "head.num_steps=2"))]
-# attention modes to compare: (label, overrides); extend with ("dense", ("attention=dense",)), ("flex", ...) once the
-# `attention` key exists
-ATTENTION = [("default attention", ())]
+# attention modes to compare: (label, overrides). FlexAttention trains on CUDA only (torch refuses its CPU backward),
+# so a dry run times the dense mask and what `auto` picks on CPU
+ATTENTION = [("dense", ("attention=dense",)), ("flex", ("attention=flex",))]
+DRY_ATTENTION = [("dense", ("attention=dense",)), ("auto", ("attention=auto",))]
 PARITY_FILES = ["tests/test_parity_var.py", "tests/test_parity_flexvar.py", "tests/test_parity_mvar.py",
                 "tests/test_parity_flowar.py"]
 DRY_GOLDEN = "mvar_tiny"  # the one golden file a dry run compares (the smallest generator golden)
@@ -191,7 +192,7 @@ def section_train(table: Table, device: torch.device, dry: bool) -> None:
     batches = (2,) if dry else (64, 48, 32, 24, 16, 8, 4, 2, 1)
     steps = 1 if dry else 10
     for label, overrides in (DRY_METHODS[:1] if dry else METHODS):  # the same code runs every method: one is dry enough
-        for attention, extra in ATTENTION:
+        for attention, extra in (DRY_ATTENTION if dry else ATTENTION):
             flops = None
             for compiled in (False, True):
                 name = f"{label}, {attention}, {'compile' if compiled else 'eager'}"

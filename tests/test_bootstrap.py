@@ -12,6 +12,7 @@ import torch
 from scalegen.eval.bootstrap import (
     FidReplicates,
     difference_from_replicates,
+    intervals,
     percentile_interval,
     prc_hits,
     replicates,
@@ -46,21 +47,43 @@ def test_replicate_statistics_equal_torch_fidelity_on_the_full_set():
     assert 0 < tf["precision"] < 1 and 0 < tf["recall"] < 1
 
 
+def full_set(gen: torch.Tensor, ref: torch.Tensor) -> dict:
+    """The metrics of the whole generated set (what the replicates are re-centred on)."""
+    in_ref, covers = prc_hits(gen.float(), ref.float(), 3)
+    return {"fid": FidReplicates(**stats_of(ref))(gen), "precision": in_ref.double().mean().item(),
+            "recall": covers.any(1).double().mean().item()}
+
+
 def test_identical_distributions_differ_by_nothing_and_shifted_ones_significantly():
     ref = gaussian(1000, 0.0, 0)
     layers = {"fid": "f", "prc": "f"}
     kw = dict(count=100, ref_stats=stats_of(ref), ref_feats={"f": ref.float()})
-    a = replicates({"f": gaussian(500, 0.0, 1)}, layers, seed=1, **kw)
-    b = replicates({"f": gaussian(500, 0.0, 2)}, layers, seed=2, **kw)
-    c = replicates({"f": gaussian(500, 0.5, 3)}, layers, seed=3, **kw)  # FID ~ D * 0.25 = 1.5 more
+    ga, gb, gc = gaussian(500, 0.0, 1), gaussian(500, 0.0, 2), gaussian(500, 0.5, 3)  # c: FID ~ D * 0.25 = 1.5 more
+    a, b, c = (replicates({"f": g}, layers, seed=i + 1, **kw) for i, g in enumerate((ga, gb, gc)))
+    fa, fb, fc = (full_set(g, ref) for g in (ga, gb, gc))
     assert set(a) == {"fid", "precision", "recall"} and len(a["fid"]) == 100
     for metric in a:  # at 99%: three 95% checks of one seeded draw would fail by chance one time in seven
-        low, high = difference_from_replicates(a[metric], b[metric], confidence=0.99)
+        low, high = difference_from_replicates(a[metric], b[metric], fa[metric] - fb[metric], confidence=0.99)
         assert low < 0 < high and significant(low, high) is False, metric
-    low, high = difference_from_replicates(c["fid"], a["fid"])
+    low, high = difference_from_replicates(c["fid"], a["fid"], fc["fid"] - fa["fid"])
     assert significant(low, high) and 1.0 < low < high < 2.2
-    low, high = difference_from_replicates(c["precision"], a["precision"])
+    low, high = difference_from_replicates(c["precision"], a["precision"], fc["precision"] - fa["precision"])
     assert significant(low, high) and high < 0  # half a standard deviation off: fewer images inside the real balls
+
+
+def test_intervals_are_centred_on_the_full_set_despite_the_resampling_bias():
+    """Few images: resamples repeat many of them, so raw replicates sit far from the full set's FID and recall; the
+    reported interval still brackets the full-set value, with the replicates' own width."""
+    ref, gen = gaussian(400, 0.0, 0), gaussian(40, 0.2, 1)
+    reps = replicates({"f": gen}, {"fid": "f", "prc": "f"}, count=200, ref_stats=stats_of(ref),
+                      ref_feats={"f": ref.float()})
+    full = full_set(gen, ref)
+    raw_low, raw_high = percentile_interval(reps["fid"])
+    assert raw_low > full["fid"]  # the bias this corrects: every raw replicate above the estimate
+    out = intervals(reps, full)
+    for metric in ("fid", "precision", "recall"):
+        assert out[f"{metric}_low"] < full[metric] < out[f"{metric}_high"], metric
+    assert out["fid_high"] - out["fid_low"] == pytest.approx(raw_high - raw_low, rel=1e-9)
 
 
 def test_class_accuracy_interval_is_the_binomial_one():

@@ -28,8 +28,9 @@ def test_dry_run_writes_the_whole_table(tmp_path):
     assert all(cells[("cuda tests", row)] == "skipped" for row in cuda)  # no CUDA here
     assert cells[("golden fp32 on cpu", "mvar_tiny_nol2.pt")] == "pass"
     assert cells[("golden bf16 on cpu", "mvar_tiny_nol2.pt")] == "measured"
-    for mode in ("eager", "compile"):
-        assert cells[("train bf16", f"VAR (tiny), default attention, {mode}")] == "ok"
+    for attention in ("dense", "auto"):
+        for mode in ("eager", "compile"):
+            assert cells[("train bf16", f"VAR (tiny), {attention}, {mode}")] == "ok"
     for method in ("VAR", "FlexVAR", "M-VAR", "FlowAR"):
         assert cells[("sample bf16", f"{method} (tiny)")] == "ok"
     mamba = {row: result for (section, row), result in cells.items() if section == "mamba"}

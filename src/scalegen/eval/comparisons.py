@@ -82,7 +82,7 @@ def difference(a: Group, b: Group, metric: str) -> Difference | None:
         return Difference(value, *welch_interval(va, vb), "seeds")
     ra, rb = a.runs[0].replicates.get(metric), b.runs[0].replicates.get(metric)
     if ra and rb:
-        low, high = difference_from_replicates(ra, rb)
+        low, high = difference_from_replicates(ra, rb, value)
         return Difference(value, low, high, "bootstrap")
     bounds = [(r.last(f"eval/{metric}_low"), r.last(f"eval/{metric}_high")) for r in (a.runs[0], b.runs[0])]
     if all(lo is not None and hi is not None for lo, hi in bounds):

@@ -320,7 +320,7 @@ class Evaluator:
             out["class_acc"] = (feats["logits"].argmax(1) == labels.cpu()).float().mean().item()
         if self.bootstrap:
             self.replicates = self.bootstrap_replicates(feats, labels)
-            out.update(intervals(self.replicates))
+            out.update(intervals(self.replicates, out))
         return out
 
     def bootstrap_replicates(self, feats: dict[str, torch.Tensor], labels: torch.Tensor | None) -> dict:
