@@ -1,4 +1,4 @@
-"""The device check (issue 11.5): one command on one GPU, one markdown table (gpu_check.md) in the folder given.
+"""The device check: one command on one GPU, one markdown table (gpu_check.md) in the folder given.
 
 On the device machine (no network; its Python has torch, lightning, timm, einops, safetensors), from the repo root:
 
