@@ -88,6 +88,7 @@ def bench_step(repeats: int) -> list[tuple[str, str, str]]:
 def _fsdp_rank(rank: int, port: int, repeats: int, queue) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
+
     from scalegen.scaleout.distributed import shard_generator
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -124,10 +125,10 @@ def bench_fsdp(repeats: int) -> list[tuple[str, str, str]]:
 
 def bench_cache_and_load(tmp: Path) -> list[tuple[str, str, str]]:
     from scalegen.build import build_tokenizer
-    from scalegen.scaleout.cache_latents import parse_args, run
-    from scalegen.io import save_safetensors
     from scalegen.data import DigitsDataModule
     from scalegen.data.latents import LatentsDataModule
+    from scalegen.io import save_safetensors
+    from scalegen.scaleout.cache_latents import parse_args, run
 
     rows = []
     cfg = config()
@@ -186,6 +187,7 @@ def bench_cache_and_load(tmp: Path) -> list[tuple[str, str, str]]:
 def _fake_cache(root: Path, n: int, shape) -> None:
     """A cache in the on-disk format with random latents (reading speed does not depend on the values)."""
     import numpy as np
+
     from scalegen.data.latents import FORMAT
 
     folder = root / "train"

@@ -10,7 +10,6 @@ from PIL import Image
 
 from scalegen.data import DigitsDataModule, ImageFolderDataModule, center_crop_arr, stratified_split
 
-
 # ---- digits -------------------------------------------------------------------------------------
 
 

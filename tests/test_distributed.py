@@ -105,8 +105,8 @@ def test_trainer_presets_compose_and_build_their_strategy(preset):
     from hydra.utils import instantiate
     from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
-    from scalegen.scaleout.distributed import FSDP1Strategy, FSDP2Strategy
     from scalegen.generators import AdaLNBlock
+    from scalegen.scaleout.distributed import FSDP1Strategy, FSDP2Strategy
 
     cfg = compose_cfg(f"trainer={preset}")
     strategy = instantiate(cfg.trainer.strategy) if not isinstance(cfg.trainer.strategy, str) else cfg.trainer.strategy

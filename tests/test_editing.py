@@ -12,7 +12,7 @@ from PIL import Image
 
 from scalegen.build import build_generator, build_tokenizer, check_generator_config, run_config
 from scalegen.data import DigitsDataModule
-from scalegen.generation.editing import KnownTokens, edit, expand_canvas, known_tokens, stretched, token_masks
+from scalegen.generation.editing import KnownTokens, expand_canvas, known_tokens, stretched, token_masks
 from scalegen.training.module import GeneratorModule
 
 pytestmark = pytest.mark.threads(1)
@@ -134,6 +134,7 @@ def test_inpainting_works_for_other_methods(model, digits):
 def test_sample_py_edit_group(digits, tmp_path):
     """sample.py's `edit` options: in-painting with a mask file, and expansion with the model's list stretched."""
     from omegaconf import OmegaConf
+
     from scalegen.commands.sample import sample_to_folder
     module, cfg = module_for("flexvar")
     ckpt = tmp_path / "model.ckpt"

@@ -16,8 +16,15 @@ from PIL import Image
 from scipy import linalg
 
 from scalegen.eval import classifier as digits
-from scalegen.eval.metrics import (INCEPTION_FILE, Evaluator, UInt8Images, export_fid_stats_to_fidelity_cache,
-                                   reference_from_folder, reference_from_images, reference_from_npz)
+from scalegen.eval.metrics import (
+    INCEPTION_FILE,
+    Evaluator,
+    UInt8Images,
+    export_fid_stats_to_fidelity_cache,
+    reference_from_folder,
+    reference_from_images,
+    reference_from_npz,
+)
 
 pytestmark = pytest.mark.threads(1)
 D = 6  # feature dimension of the test extractor below
@@ -252,6 +259,7 @@ def test_classifier_accuracy_and_metrics_in_its_feature_space(classifier_file, r
 def test_callback_in_a_two_step_run(classifier_file, tmp_path):
     import lightning as L
     from lightning.pytorch.loggers import CSVLogger
+
     from scalegen.data import DigitsDataModule
     from scalegen.eval.callback import EvalCallback, TrainingStats
 

@@ -11,23 +11,23 @@ import torch.nn.functional as F
 from conftest import REPO, compose_cfg
 from torch.utils.data import DataLoader, TensorDataset
 
-from scalegen.schedule.anyscale import RandomScales
 from scalegen.build import build_generator, build_tokenizer, check_generator_config
 from scalegen.errors import ConfigError
-from scalegen.schedule.residual import ResidualComposition
-from scalegen.schedule.direct_vq import DirectVQComposition
-from scalegen.generators.flexvar import ScaleFreeTransformer, sincos_table
 from scalegen.generation.guidance import guide
-from scalegen.training.module import GeneratorModule
-from scalegen.official import export, load
-from scalegen.official.flexvar import OFFICIAL_SIDES, build_flexvar
-from scalegen.io import CheckpointMismatch
-from scalegen.pretrained import load_generator
 from scalegen.generation.loop import generate
 from scalegen.generation.options import GenerateOptions
+from scalegen.generators.flexvar import ScaleFreeTransformer, sincos_table
+from scalegen.io import CheckpointMismatch
+from scalegen.official import export, load
+from scalegen.official.flexvar import OFFICIAL_SIDES, build_flexvar
+from scalegen.pretrained import load_generator
+from scalegen.schedule.anyscale import RandomScales
+from scalegen.schedule.direct_vq import DirectVQComposition
+from scalegen.schedule.residual import ResidualComposition
 from scalegen.schedule.scales import VAR_256, ScaleSchedule, area_down
 from scalegen.tokenizers.flexvq import FlexVAE
 from scalegen.tokenizers.train import TokenizerModule
+from scalegen.training.module import GeneratorModule
 
 convert_cli = importlib.import_module("scalegen.official.convert")
 OFFICIAL_PARAMS = {16: 315_561_936, 20: 607_513_952, 24: 1_041_314_576}
@@ -292,8 +292,8 @@ def test_schedule_changes_refused_for_residual_var_at_config_time():
     check_generator_config(compose_cfg("model=flexvar", "+sample.scales=[1,2,3,4,5,6,7,8,10,12]"))
     check_generator_config(compose_cfg("model=flexvar", "backbone=mvar_flex"))  # Mamba blocks, the same positions
 
-    from scalegen.tokenizers import MultiScaleVQVAE
     from scalegen.official.var import build_var
+    from scalegen.tokenizers import MultiScaleVQVAE
     vae = MultiScaleVQVAE(vocab_size=16, z_channels=4, ch=16, ch_mult=(1, 1), num_res_blocks=1, v_patch_nums=(1, 2, 4),
                           using_sa=False, using_mid_sa=False, norm_groups=8)
     gen = build_var(dict(num_classes=3, token_dim=4, scales=(1, 2, 4), depth=1, width=32, num_heads=2, shared_aln=False,

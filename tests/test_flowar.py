@@ -13,16 +13,16 @@ from conftest import REPO, LatentsAsImages, compose_cfg, parity_dir
 
 from scalegen.build import build_generator, build_module, build_tokenizer, check_generator_config
 from scalegen.errors import ConfigError
-from scalegen.schedule.direct import DirectComposition, to_map, to_tokens
+from scalegen.generation.guidance import ScaleGuidance
+from scalegen.generation.loop import generate
+from scalegen.generation.options import GenerateOptions
 from scalegen.generators import Generator
 from scalegen.generators.flowar import FlowARTransformer
 from scalegen.heads.flow import FlowHead, euler_sample, euler_times
 from scalegen.heads.flownet import FlowNet, GridVelocity, TimeEmbed
-from scalegen.official import export, load, load_pretrained
 from scalegen.io import CheckpointMismatch
-from scalegen.generation.guidance import ScaleGuidance
-from scalegen.generation.loop import generate
-from scalegen.generation.options import GenerateOptions
+from scalegen.official import export, load, load_pretrained
+from scalegen.schedule.direct import DirectComposition, to_map, to_tokens
 from scalegen.schedule.scales import area_down, bicubic_up
 from scalegen.tokenizers.kl import AutoencoderKL
 from scalegen.tokenizers.latent_stats import latent_moments

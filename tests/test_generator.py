@@ -5,12 +5,12 @@ import torch
 from conftest import REPO, compose_cfg, tiny_vq
 
 from scalegen.build import build_generator, build_tokenizer, check_generator_config
-from scalegen.schedule.residual import ResidualComposition
-from scalegen.generators import AdaLNTransformer, Generator, init_var_weights
 from scalegen.generation.guidance import GuidancePolicy, guide
-from scalegen.heads import CategoricalHead, sample_tokens, top_k_top_p_
 from scalegen.generation.loop import generate
 from scalegen.generation.options import GenerateOptions
+from scalegen.generators import AdaLNTransformer, Generator, init_var_weights
+from scalegen.heads import CategoricalHead, sample_tokens, top_k_top_p_
+from scalegen.schedule.residual import ResidualComposition
 from scalegen.tokenizers import MultiScaleVQVAE
 
 CONFIGS = REPO / "configs"

@@ -14,8 +14,7 @@ from parity import keyed_vae_state
 from scalegen.build import build_generator, build_tokenizer, check_generator_config
 from scalegen.generators import Generator, MambaAdaLNTransformer
 from scalegen.heads import CategoricalHead
-from scalegen.io import CheckpointMismatch
-from scalegen.io import read_meta
+from scalegen.io import CheckpointMismatch, read_meta
 from scalegen.official import export
 from scalegen.official.mvar import build_mvar, mvar_config_from_state
 from scalegen.pretrained import load_generator

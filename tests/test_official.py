@@ -12,9 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from scalegen.io import save_safetensors
-from scalegen.io import CheckpointMismatch
-from scalegen.io import read_meta
+from scalegen.io import CheckpointMismatch, read_meta, save_safetensors
 from scalegen.official import export, load, recognise
 from scalegen.official.var import build_var, var_config_from_state
 from scalegen.pretrained import load_generator

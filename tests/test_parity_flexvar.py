@@ -14,11 +14,11 @@ import pytest
 import torch
 from parity import Parity, load_golden
 
-from scalegen.schedule.direct_vq import DirectVQComposition
 from scalegen import official
-from scalegen.official.flexvar import OFFICIAL_SIDES, flexvae_config_from_state, flexvar_config_from_state
 from scalegen.generation.loop import generate, random_labels
 from scalegen.generation.options import GenerateOptions
+from scalegen.official.flexvar import OFFICIAL_SIDES, flexvae_config_from_state, flexvar_config_from_state
+from scalegen.schedule.direct_vq import DirectVQComposition
 from scalegen.schedule.scales import ScaleSchedule, bicubic_up
 
 ATOL = 1e-4  # the bound for every float; indices and generator states are compared exactly

@@ -17,15 +17,15 @@ import torch
 from conftest import LatentsAsImages
 from parity import Parity, load_golden
 
-from scalegen.schedule.direct import DirectComposition
-from scalegen.heads.flow import euler_sample, euler_times
-from scalegen.training.module import GeneratorModule
-from scalegen.official import export, load
-from scalegen.official.flowar import flowar_config_from_state
-from scalegen.official.kl16 import kl_config_from_state
 from scalegen.generation.guidance import ScaleGuidance
 from scalegen.generation.loop import generate
 from scalegen.generation.options import GenerateOptions
+from scalegen.heads.flow import euler_sample, euler_times
+from scalegen.official import export, load
+from scalegen.official.flowar import flowar_config_from_state
+from scalegen.official.kl16 import kl_config_from_state
+from scalegen.schedule.direct import DirectComposition
+from scalegen.training.module import GeneratorModule
 
 ATOL = 1e-4  # floats (issue #3: within 1e-4, expect ~1e-6)
 

@@ -15,11 +15,11 @@ import pytest
 import torch
 from parity import Parity, keyed_vae_state, load_golden
 
-from scalegen.schedule.residual import ResidualComposition
-from scalegen.official import export, load
-from scalegen.official.mvar import mvar_config_from_state
 from scalegen.generation.loop import generate
 from scalegen.generation.options import GenerateOptions
+from scalegen.official import export, load
+from scalegen.official.mvar import mvar_config_from_state
+from scalegen.schedule.residual import ResidualComposition
 
 ATOL = 1e-4  # the float tolerance; indices exact
 

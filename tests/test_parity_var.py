@@ -14,12 +14,12 @@ import pytest
 import torch
 from parity import Parity, load_golden
 
-from scalegen.schedule.residual import ResidualComposition
-from scalegen.official.table import convert
-from scalegen.official import export, load
-from scalegen.official.var import VAE_TABLE, var_config_from_state, vae_config_from_state
 from scalegen.generation.loop import generate, random_labels
 from scalegen.generation.options import GenerateOptions
+from scalegen.official import export, load
+from scalegen.official.table import convert
+from scalegen.official.var import VAE_TABLE, vae_config_from_state, var_config_from_state
+from scalegen.schedule.residual import ResidualComposition
 from scalegen.tokenizers import MultiScaleQuantizer, phi_table
 
 # absolute tolerances (README "Suggested tolerances"); indices are compared exactly, losses relatively

@@ -138,6 +138,7 @@ def test_nonfinite_losses_skip_count_and_stop(tmp_path):
     """Steps with a NaN loss change no weight and are counted; K in a row (max_nonfinite, from the config) stop."""
     import lightning as L
     from lightning.pytorch.loggers import CSVLogger
+
     from scalegen.data import DigitsDataModule
 
     torch.set_num_threads(1)

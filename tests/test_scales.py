@@ -8,7 +8,6 @@ import torch
 from scalegen.schedule.scales import VAR_256, VAR_512, ScaleSchedule, doubling
 from scalegen.tokenizers import phi_table
 
-
 # ---- construction ---------------------------------------------------------------------------------------------------
 
 

@@ -78,6 +78,7 @@ def test_signal_saves_then_hands_over_to_submitit(tmp_path):
     """In-process: USR2 during fit -> last.ckpt written at the next step boundary, then the previous handler."""
     import lightning as L
     from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
     from scalegen.scaleout.slurm import SubmititRequeue
 
     calls = []
@@ -118,8 +119,9 @@ def test_signal_saves_then_hands_over_to_submitit(tmp_path):
 
 def test_loggers_csv_by_default_wandb_offline_and_lazily_imported_tensorboard(tmp_path, monkeypatch):
     import sys
+
     from hydra.utils import instantiate
-    from omegaconf import OmegaConf, open_dict
+    from omegaconf import open_dict
 
     def loggers(name):
         cfg = compose_cfg(f"logger={name}")
