@@ -13,6 +13,7 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from scalegen.data.imagefolder import SkippingDataLoader
 from scalegen.errors import ConfigError
 from scalegen.hub import resolve as resolve_weights
 from scalegen.io import AtomicCheckpointIO, save_safetensors
@@ -157,7 +158,13 @@ def first_sample(data):
     """One training sample of the run's data, as a batch of one (read through the loader's own sampler, dataset and
     collation: no worker starts and no random state moves)."""
     loader = data.train_dataloader()
-    return loader.collate_fn([loader.dataset[next(iter(loader.sampler))]])
+    for index in loader.sampler:
+        if not isinstance(loader, SkippingDataLoader):
+            return loader.collate_fn([loader.dataset[index]])
+        batch = loader.batch_of([index])  # its collation also hands on the unreadable files, which iteration drops
+        if len(batch[1]):
+            return batch
+    raise ValueError("the training split has no readable sample")
 
 
 def account(cfg: DictConfig, module, data, trainer: L.Trainer, kind: str, value) -> None:

@@ -101,6 +101,11 @@ class SkippingDataLoader(DataLoader):
         super().__init__(dataset, **kwargs)
         self.on_skipped = on_skipped  # same name as the argument, so Lightning can rebuild it with a DDP sampler
 
+    def batch_of(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The readable samples of `indices` as one (images, labels) batch, as iteration gives it (no worker starts)."""
+        images, labels, _ = self.collate_fn([self.dataset[i] for i in indices])
+        return images, labels
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for images, labels, bad in super().__iter__():
             if bad and self.on_skipped is not None:
