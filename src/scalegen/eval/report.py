@@ -174,7 +174,8 @@ def error_section(runs: list[Run]) -> Section | None:
     if not seeds[1] and not any(c != "—" for row in body for c in row[2:]):
         return None
     notes = [f"Intervals are {CONFIDENCE:.0%}. Over samples: the percentile bootstrap of the generated set (callbacks."
-             "eval.bootstrap resamples; the reference is fixed). A difference is beyond its uncertainty (`*`) when the "
+             "eval.bootstrap resamples; the reference is fixed), re-centred on the full set's value (resampling "
+             "repeats images, which biases FID up and recall down). A difference is beyond its uncertainty (`*`) when the "
              "interval of the difference itself excludes 0 — Welch's t over seeds where both sides have several, else "
              "the difference of the two runs' independent bootstrap replicates (non-overlapping intervals would be a "
              "stricter test than the stated level)."]
