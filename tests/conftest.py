@@ -18,9 +18,14 @@ import filecmp
 import os
 from pathlib import Path
 
+# no test may download: a Hub name that slipped into a test fails at once (subprocesses inherit this) instead of
+# reaching for the network; set before huggingface_hub is imported, which reads it once
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from scalegen.build import build_module
 from scalegen.tokenizers import MultiScaleVQVAE
@@ -57,6 +62,24 @@ def tiny_module(*overrides: str, num_classes: int = 10):
     """The default training module (VAR on the digits) with a 1-block, 32-wide backbone and random weights."""
     return build_module(compose_cfg("backbone.depth=1", "backbone.width=32", "backbone.num_heads=2", *overrides),
                         num_classes)
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    """A scalegen checkpoint of a randomly initialised tiny VAR (sampling does not care whether it was trained)."""
+    torch.manual_seed(0)
+    module = tiny_module()
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
+    torch.save({"state_dict": module.state_dict(), "scalegen_config": module.config}, path)
+    return path
+
+
+def sample_cfg(ckpt: Path, out: Path, **overrides):
+    """configs/sample.yaml without Hydra's node, for `ckpt`, writing to `out`, 2 images per class."""
+    cfg = OmegaConf.load(REPO / "configs" / "sample.yaml")
+    cfg.pop("hydra")
+    cfg.merge_with({"ckpt": str(ckpt), "out_dir": str(out), "per_class": 2, **overrides})
+    return cfg
 
 
 def tiny_vq(scales=(1, 2, 4)) -> MultiScaleVQVAE:

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from conftest import REPO, tiny_module
+from conftest import sample_cfg
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -20,20 +19,12 @@ pytestmark = pytest.mark.threads(1)
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    """A scalegen checkpoint of a randomly initialised tiny VAR (sampling does not care whether it was trained)."""
-    torch.manual_seed(0)
-    module = tiny_module()
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
-    torch.save({"state_dict": module.state_dict(), "scalegen_config": module.config}, path)
-    return path
+def ckpt(tiny_ckpt) -> Path:
+    return tiny_ckpt
 
 
 def config(ckpt: Path, out: Path, **overrides):
-    cfg = OmegaConf.load(REPO / "configs" / "sample.yaml")
-    cfg.pop("hydra")
-    cfg.merge_with({"ckpt": str(ckpt), "out_dir": str(out), "per_class": 2, "batch_size": 3, **overrides})
-    return cfg
+    return sample_cfg(ckpt, out, **{"batch_size": 3, **overrides})
 
 
 def files(out: Path) -> dict[str, bytes]:

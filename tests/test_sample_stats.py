@@ -7,9 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import REPO, tiny_module
-from omegaconf import OmegaConf
+from conftest import sample_cfg
 
 from scalegen.commands.sample import sample_to_folder
 from scalegen.errors import ConfigError
@@ -21,19 +19,12 @@ pytestmark = pytest.mark.threads(1)
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    module = tiny_module()
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
-    torch.save({"state_dict": module.state_dict(), "scalegen_config": module.config}, path)
-    return path
+def ckpt(tiny_ckpt) -> Path:
+    return tiny_ckpt
 
 
 def config(ckpt: Path, out: Path, **overrides):
-    cfg = OmegaConf.load(REPO / "configs" / "sample.yaml")
-    cfg.pop("hydra")
-    cfg.merge_with({"ckpt": str(ckpt), "out_dir": str(out), "per_class": 2, "batch_size": 10, **overrides})
-    return cfg
+    return sample_cfg(ckpt, out, **{"batch_size": 10, **overrides})
 
 
 def test_sample_stats_for_the_frontier(ckpt, tmp_path):
