@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("parts", "tokenizers", "generators", "heads"),  # the part interfaces and the parts
     ("generation", "official", "data"),  # the loop over parts, the official releases, data modules
     ("scaleout.distributed", "scaleout.dcp_metadata", "scaleout.slurm", "tokenizers.train", "eval.metrics",
-     "eval.classifier", "eval.fits", "eval.bootstrap", "eval.tokenizer_eval"),
+     "eval.classifier", "eval.fits", "eval.bootstrap", "eval.tokenizer_eval", "eval.figures"),
     ("training",),  # the generator LightningModule, the run folder (lock, metrics, final checkpoint)
     ("build", "eval.callback", "eval.flops"),  # config -> objects (the only Hydra reader), the eval callback, FLOP counts
     ("pretrained", "tokenizers.latent_stats", "eval.report", "eval.runs", "eval.comparisons", "eval.scaling",

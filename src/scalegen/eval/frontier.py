@@ -12,6 +12,8 @@ from typing import Sequence
 
 import numpy as np
 
+from scalegen.eval import figures
+
 STATS_FILE = "sample_stats.json"
 # (axis key, label, larger is better)
 SPEED_AXES = [("images_per_s", "images/s", True), ("sample_flops_per_image", "sampling FLOPs / image", False)]
@@ -68,9 +70,6 @@ def by_method(points: list[SamplePoint]) -> dict[str, list[SamplePoint]]:
 
 def plot_fronts(points: list[SamplePoint], out: Path, quality: str = "fid") -> list[tuple[str, Path]]:
     """One figure per speed axis: every method's points (hollow), its front (filled, joined)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     out.mkdir(parents=True, exist_ok=True)
     made = []
     for axis, label, larger in SPEED_AXES:
@@ -78,7 +77,7 @@ def plot_fronts(points: list[SamplePoint], out: Path, quality: str = "fid") -> l
         groups = {m: ps for m, ps in groups.items() if ps}
         if not groups:
             continue
-        fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=90)
+        fig, ax = figures.axes()
         for i, (method, ps) in enumerate(groups.items()):
             colour = f"C{i}"
             mask = front(ps, quality, axis, larger)
@@ -91,11 +90,5 @@ def plot_fronts(points: list[SamplePoint], out: Path, quality: str = "fid") -> l
         ax.set_xlabel(label)
         ax.set_ylabel(quality.upper() if quality in ("fid", "kid") else quality)
         ax.set_title(f"{quality.upper()} vs {label}: Pareto fronts")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = out / f"frontier_{axis}.png"
-        fig.savefig(path)
-        plt.close(fig)
-        made.append((f"{quality.upper()} vs {label}", path))
+        made.append((f"{quality.upper()} vs {label}", figures.save(fig, ax, out / f"frontier_{axis}.png")))
     return made

@@ -18,6 +18,7 @@ import re
 import shutil
 from pathlib import Path
 
+from scalegen.eval import figures
 from scalegen.eval.bootstrap import CONFIDENCE
 from scalegen.eval.comparisons import comparison_table, group_by_seed, seed_table
 from scalegen.eval.frontier import SPEED_AXES, by_method, front, plot_fronts, read_points
@@ -82,16 +83,13 @@ def table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
 
 # -- pictures --------------------------------------------------------------------------------------------------------
 def plot_curves(runs: list[Run], out: Path) -> list[tuple[str, Path]]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     out.mkdir(parents=True, exist_ok=True)
     made = []
     ref = next((r.reference for r in runs if r.reference), None)
     for key, title in [("train/loss", "training loss"), ("val/loss", "validation loss"), *CURVES]:
         if not any(r.series(key)[0] for r in runs):
             continue
-        fig, ax = plt.subplots(figsize=(5, 3.2), dpi=90)
+        fig, ax = figures.axes((5, 3.2))
         for r in runs:
             steps, values = r.series(key)
             if steps:
@@ -100,21 +98,13 @@ def plot_curves(runs: list[Run], out: Path) -> list[tuple[str, Path]]:
             ax.axhline(ref["metrics"][key.split("/", 1)[1]], color="gray", ls=":", label=f"real {ref['split']}")
         ax.set_xlabel("step")
         ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = out / f"{key.replace('/', '_')}.png"
-        fig.savefig(path)
-        plt.close(fig)
-        made.append((title, path))
+        made.append((title, figures.save(fig, ax, out / f"{key.replace('/', '_')}.png")))
     return made
 
 
 def summary_png(runs: list[Run], curves: list[tuple[str, Path]], path: Path) -> Path:
     """The report as one picture: the table, the grids side by side, up to three curves."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = figures.pyplot()
     from PIL import Image
     head, body = table(runs)
     head, body = head[:-1], [row[:-1] for row in body]  # the diff column is in the text reports

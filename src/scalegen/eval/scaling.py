@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from scalegen.eval import figures
 from scalegen.eval.fits import PowerLawFit, power_law_fit
 
 QUANTITIES = [("loss", "final loss"), ("fid", "FID")]
@@ -62,9 +63,6 @@ def fit_table(fits: list[ScalingFit], confidence: float = 0.95) -> tuple[list[st
 
 def plot_scaling(points: list[ScalingPoint], fits: list[ScalingFit], out: Path) -> list[tuple[str, Path]]:
     """One log-log figure per (quantity, axis) that has a fit: every method's runs and its fitted line."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
     out.mkdir(parents=True, exist_ok=True)
     made = []
@@ -74,7 +72,7 @@ def plot_scaling(points: list[ScalingPoint], fits: list[ScalingFit], out: Path) 
             these = [f for f in fits if f.quantity == quantity and f.axis == axis]
             if not these:
                 continue
-            fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=90)
+            fig, ax = figures.axes()
             for f in these:
                 colour = f"C{methods.index(f.method)}"
                 xy = [(p.values[axis], p.values[quantity]) for p in points if p.method == f.method
@@ -89,11 +87,6 @@ def plot_scaling(points: list[ScalingPoint], fits: list[ScalingFit], out: Path) 
             ax.set_xlabel(aname)
             ax.set_ylabel(qname)
             ax.set_title(f"{qname} vs {aname}")
-            ax.grid(alpha=0.3, which="both")
-            ax.legend(fontsize=7)
-            fig.tight_layout()
-            path = out / f"scaling_{quantity}_vs_{axis}.png"
-            fig.savefig(path)
-            plt.close(fig)
+            path = figures.save(fig, ax, out / f"scaling_{quantity}_vs_{axis}.png")
             made.append((f"{qname} vs {aname}", path))
     return made
