@@ -48,6 +48,19 @@ def test_count_flops_equals_the_analytic_count_of_linear_and_attention():
     assert count_flops(lambda: att(x).sum().backward()) == forward + 2 * forward - 2 * b * n * d * 3 * d
 
 
+@pytest.mark.parametrize("groups", [1, 4, 12])
+def test_a_grouped_convolution_backward_costs_two_forwards_whatever_its_groups(groups):
+    # torch's own formula counts a grouped conv's weight gradient as dense over all channels (x groups for depthwise
+    # ones: Mamba2's conv1d); each gradient of a convolution is one convolution the size of the forward
+    conv = torch.nn.Conv1d(12, 12, 4, groups=groups, padding=3)
+    x = torch.randn(2, 12, 10, requires_grad=True)
+    forward = 2 * 2 * 13 * 4 * 12 * (12 // groups)  # batch x output length x taps x out channels x in per group
+    assert count_flops(conv, x) == forward
+    assert count_flops(lambda: conv(x).sum().backward()) == 3 * forward
+    x.requires_grad_(False)  # no input gradient: the weight's alone
+    assert count_flops(lambda: conv(x).sum().backward()) == 2 * forward
+
+
 def snapshot(module):
     return ([p.detach().clone() for p in module.parameters()], [p.grad for p in module.parameters()],
             torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy(), module.training)
