@@ -41,7 +41,7 @@ def reference_mixer(m: Mamba2, u: torch.Tensor) -> torch.Tensor:
     y = (y + x.double() * m.D.double()[:, None]).reshape(b, l, -1) * F.silu(z.double())
     groups = y.view(b, l, m.ngroups, -1)  # mamba-ssm normalises each group of d_inner / ngroups channels
     y = (groups * torch.rsqrt(groups.square().mean(-1, keepdim=True) + 1e-5)).view(b, l, -1) * m.norm.weight.double()
-    return m.out_proj(y.float())
+    return m.out_proj(y.to(u.dtype))
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 16, 64])
@@ -91,6 +91,33 @@ def test_mixer_equals_the_written_out_maths(ngroups):
     m = small_mixer(ngroups=ngroups)
     u = torch.randn(2, 29, 64)
     torch.testing.assert_close(m(u), reference_mixer(m, u), rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("ngroups", [1, 2])
+def test_mixer_gradients_equal_the_written_out_maths(ngroups):
+    # the conv and the gated norm have hand-written backwards (generators/mamba_ops.py): the input's gradient and
+    # every parameter's must be autograd's through the plain formulas (float32, ours; float64 recurrence, theirs)
+    m = small_mixer(ngroups=ngroups)
+    u = torch.randn(2, 29, 64)
+    grads = []
+    for fn in (m, lambda v: reference_mixer(m, v)):
+        m.zero_grad()
+        v = u.clone().requires_grad_()
+        fn(v).square().sum().backward()
+        grads.append([v.grad] + [p.grad.clone() for p in m.parameters()])
+    for (name, _), ours, ref in zip([("input", None)] + list(m.named_parameters()), *grads):
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item(), msg=lambda t: f"{name}: {t}")
+
+
+def test_the_hand_written_backwards_pass_gradcheck():
+    # float64 finite differences; the conv's carried state (step() continues from it) gets its gradient too
+    from scalegen.generators.mamba_ops import CausalConvSiLU, GatedRMSNormFn
+    torch.manual_seed(0)
+    x, prev = torch.randn(2, 5, 6, dtype=torch.float64), torch.randn(2, 3, 6, dtype=torch.float64)
+    w, b = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    assert torch.autograd.gradcheck(CausalConvSiLU.apply, [t.requires_grad_() for t in (x, prev, w, b)])
+    y, z, weight = torch.randn(2, 5, 8, dtype=torch.float64), torch.randn(2, 5, 8, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda *t: GatedRMSNormFn.apply(*t, 1e-5, 4), [t.requires_grad_() for t in (y, z, weight)])
 
 
 @torch.no_grad()

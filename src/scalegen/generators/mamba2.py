@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from scalegen.generators.mamba_ops import CausalConvSiLU, GatedRMSNormFn
+
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "mamba_ssm")
@@ -93,11 +95,7 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        dtype = y.dtype
-        y = y.float() * F.silu(z.float())
-        groups = y.view(*y.shape[:-1], -1, self.group_size)
-        y = (groups * torch.rsqrt(groups.square().mean(-1, keepdim=True) + self.eps)).view(y.shape)
-        return (y * self.weight.float()).to(dtype)
+        return GatedRMSNormFn.apply(y, z, self.weight, self.eps, self.group_size).to(y.dtype)
 
 
 # ---- the mamba-ssm kernels, only on CUDA --------------------------------------------------------------------------
@@ -229,13 +227,16 @@ class Mamba2(nn.Module):
         return zxbcdt.split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
 
     def _conv(self, xBC: torch.Tensor, prev: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Causal depthwise conv + SiLU over (b, l, conv_dim), continuing from `prev` (b, conv_dim, d_conv-1)."""
-        xt = xBC.transpose(1, 2)
+        """Causal depthwise conv + SiLU over (b, l, conv_dim), continuing from `prev` (b, conv_dim, d_conv-1), the
+        last inputs in mamba-ssm's conv-state layout. -> (output, the new conv state)."""
+        keep = self.d_conv - 1
         if prev is None:
-            prev = xt.new_zeros(xt.shape[0], self.conv_dim, self.d_conv - 1)
-        xt = torch.cat((prev.to(xt.dtype), xt), dim=-1)
-        out = F.conv1d(xt, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)
-        return F.silu(out).transpose(1, 2), xt[..., xt.shape[-1] - (self.d_conv - 1):].clone()
+            prev = xBC.new_zeros(xBC.shape[0], keep, self.conv_dim)
+        else:
+            prev = prev.transpose(1, 2).to(xBC.dtype)
+        out = CausalConvSiLU.apply(xBC, prev, self.conv1d.weight.squeeze(1), self.conv1d.bias)
+        tail = torch.cat((prev, xBC[:, -keep:]), dim=1)[:, -keep:]
+        return out, tail.transpose(1, 2).contiguous()
 
     def _ssm_inputs(self, xBC: torch.Tensor, dt: torch.Tensor):
         b, l, _ = xBC.shape
