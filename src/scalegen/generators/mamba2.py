@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from scalegen.generators.mamba_ops import CausalConvSiLU, GatedRMSNormFn
+from scalegen.generators.mamba_ops import CausalConvSiLU, GatedRMSNormFn, ssd_scan
 
 log = logging.getLogger(__name__)
 
@@ -37,53 +37,6 @@ BACKENDS = ("auto", "torch", "mamba_ssm")
 class MambaState(NamedTuple):
     conv: torch.Tensor  # (B, conv_dim, d_conv - 1): the last pre-conv inputs
     ssm: torch.Tensor  # (B, nheads, headdim, d_state), mamba-ssm's layout
-
-
-# ---- the scan ------------------------------------------------------------------------------------------------------
-
-
-def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, chunk: int = 64,
-             initial_state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The SSD recurrence h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T, y_t = h_t C_t, computed chunk by chunk.
-
-    x (b, l, h, p), dt (b, l, h) after softplus, A (h,) negative, B and C (b, l, g, n) with g dividing h (heads
-    of a group are contiguous, as in mamba-ssm), initial_state (b, h, p, n) or None (zeros). Returns y (b, l, h, p)
-    and the state after the last token. Inside a chunk the outputs are one masked matmul (SSD's quadratic form);
-    the state passes between chunks in a loop over l / chunk steps (never over tokens), which keeps every
-    temporary small enough to stay in cache on CPU. Everything is float32.
-    """
-    b, l, h, p = x.shape
-    g, n = B.shape[-2:]
-    hg = h // g
-    x = x.float().permute(0, 2, 1, 3)  # (b, h, l, p)
-    dt = dt.float().transpose(1, 2)  # (b, h, l)
-    B, C = B.float().permute(0, 2, 1, 3), C.float().permute(0, 2, 1, 3)  # (b, g, l, n)
-    dA = dt * A.float().view(1, h, 1)  # log-decay of each step
-    state = x.new_zeros(b, h, p, n) if initial_state is None else initial_state.float()
-    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=x.device).tril()
-    strict = causal.tril(-1)
-    ys = []
-    for start in range(0, l, chunk):
-        end = min(start + chunk, l)
-        q = end - start
-        xk, dtk, dAk, Bk, Ck = x[:, :, start:end], dt[:, :, start:end], dA[:, :, start:end], B[:, :, start:end], C[:, :, start:end]
-        # seg[t, s] = sum_{s<k<=t} dA_k, summed per segment (not cum_t - cum_s, which cancels badly in float32)
-        seg = dAk.unsqueeze(-1).expand(b, h, q, q).masked_fill(~strict[:q, :q], 0).cumsum(dim=-2)
-        decay = seg.masked_fill(~causal[:q, :q], -math.inf).exp()  # (b, h, Q, Q)
-        # within the chunk: y_t = sum_{s<=t} exp(seg[t, s]) dt_s (C_t . B_s) x_s
-        CB = (Ck @ Bk.transpose(-1, -2)).unsqueeze(2)  # (b, g, 1, Q, Q), shared by the group's heads
-        mix = (decay * dtk.unsqueeze(-2)).view(b, g, hg, q, q) * CB
-        y = mix.view(b, h, q, q) @ xk
-        # from the state entering the chunk: y_t += exp(cum_t) h C_t
-        cum = dAk.cumsum(dim=-1)
-        carried = (Ck @ state.reshape(b, g, hg * p, n).transpose(-1, -2)).view(b, g, q, hg, p).transpose(2, 3)
-        y = y + carried.reshape(b, h, q, p) * cum.exp().unsqueeze(-1)
-        ys.append(y)
-        # the state leaving the chunk: decayed old state + sum_s exp(seg[end, s]) dt_s x_s B_s^T
-        weight = decay[:, :, -1] * dtk  # (b, h, Q)
-        added = ((xk.transpose(-1, -2) * weight.unsqueeze(-2)).view(b, g, hg * p, q) @ Bk).view(b, h, p, n)
-        state = state * cum[:, :, -1:].exp().unsqueeze(-1) + added
-    return torch.cat(ys, dim=2).transpose(1, 2), state
 
 
 class GatedRMSNorm(nn.Module):
