@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -55,9 +56,13 @@ def timed(fn: Callable[[], object], repeats: int) -> list[float]:
     return out
 
 
-def train_step(experiment: str, batch: int = 2, *overrides: str) -> Callable[[], None]:
-    """Forward + backward of a categorical-head preset on random tokens (no optimizer step), teacher-forced."""
+def train_step(experiment: str, batch: int = 2, *overrides: str, checkpointed: bool = False) -> Callable[[], None]:
+    """Forward + backward of a categorical-head preset on random tokens (no optimizer step), teacher-forced;
+    `checkpointed`: each block recomputed in backward (what `activation_checkpointing=true` does to a run)."""
     _, generator, composition = build(experiment, *overrides)
+    if checkpointed:
+        from scalegen.scaleout.distributed import checkpoint_blocks
+        checkpoint_blocks(generator.backbone)
     generator.train()
     L = composition.scales.num_tokens
     labels = torch.randint(0, 1000, (batch,))
@@ -80,7 +85,9 @@ class Row:
 
     `official`: seconds (or `unit`) as one number, a tuple of numbers (one per pass), or None (not measured).
     `per`: our figure is the ratio of `measurement` to this measurement (and `official` a ratio too).
-    `flag`: the row (and the measurements only it needs) runs only with `--<flag>`.
+    `theirs`: the measurement runs the official code, in this run; its figure is printed as the official one.
+    `flag`: the row (and the measurements only it needs) runs only with `--<flag>`; flag "official" takes the path
+    of the official repository's checkout (`--official PATH`), whose measurements import the official code from it.
     """
 
     label: str
@@ -90,6 +97,7 @@ class Row:
     unit: str = "s"
     per: str | None = None
     flag: str | None = None
+    theirs: bool = False  # the measurement times the official code (--official), not ours
 
     def needs(self) -> list[str]:
         return [self.measurement] + ([self.per] if self.per else [])
@@ -110,6 +118,8 @@ def _official(row: Row) -> str:
 
 def _table_row(row: Row, res: dict) -> str:
     ours = res[row.measurement]
+    if row.theirs:  # the official code timed in this run: its figure goes in the official column
+        return f"| {row.label} | | {_figure(ours['median_s'], row.unit)} | {ours['peak_rss_mb']:,.0f} (official code) |"
     if row.per:
         return f"| {row.label} | {_figure(ours['median_s'] / res[row.per]['median_s'], 'x')} | {_official(row)} | |"
     rss = f"{ours['peak_rss_mb']:,.0f}" + (f" (official {row.official_rss_mb:,})" if row.official_rss_mb else "")
@@ -126,9 +136,23 @@ def _measure(fn: Callable[[], Callable[[], object]], repeats: int, threads: int)
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+OFFICIAL_ENV = "SCALEGEN_BENCH_OFFICIAL"  # the --official checkout, for the measurements that run the official code
+
+
+def official_checkout() -> str:
+    """The official repository's checkout given with --official (on sys.path from here on)."""
+    root = os.environ[OFFICIAL_ENV]
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    return root
+
+
 def _in_child(script: str, name: str, args: argparse.Namespace) -> dict:
+    env = dict(os.environ)
+    if getattr(args, "official", None):
+        env[OFFICIAL_ENV] = str(Path(args.official).resolve())
     proc = subprocess.run([sys.executable, script, "--child", name, "--repeats", str(args.repeats), "--threads",
-                           str(args.threads)], capture_output=True, text=True)
+                           str(args.threads)], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         sys.exit(f"measurement {name!r} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -142,7 +166,11 @@ def main(doc: str, title: str, measurements: dict[str, Callable[[], Callable[[],
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--only", help=f"comma-separated measurements to run, of: {', '.join(measurements)}")
     for flag in dict.fromkeys(r.flag for r in rows if r.flag):
-        p.add_argument(f"--{flag}", action="store_true", help=f"also the rows marked {flag}")
+        if flag == "official":
+            p.add_argument("--official", metavar="PATH", help="a checkout of the official repository: also time the "
+                           "official code in this run, each measurement in its own process right after ours")
+        else:
+            p.add_argument(f"--{flag}", action="store_true", help=f"also the rows marked {flag}")
     p.add_argument("--child", choices=list(measurements), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:

@@ -1,6 +1,6 @@
 """M-VAR-d16 on this machine: the Mamba2 mixer alone, a training step, sampling one 256 px image with CFG, memory.
 
-    python bench/bench_mvar.py [--threads 2] [--repeats 3] [--only mixer,mixer_bwd,train,train_dense,sample,decode]
+    python bench/bench_mvar.py [--threads 2] [--repeats 3] [--only mixer,mixer_bwd,train,train_dense,train_ckpt,sample,decode]
                                [--with-var]
 
 Random weights, fp32, CPU, our PyTorch chunked scan (mamba-ssm is never imported here). Each measurement runs in
@@ -32,6 +32,7 @@ def mixer(backward: bool):
 # ordered so that with --with-var each VAR measurement runs right after its M-VAR one (the same machine load)
 MEASUREMENTS = {"mixer": lambda: mixer(False), "mixer_bwd": lambda: mixer(True), "train": lambda: train_step("mvar_d16"),
                 "train_dense": lambda: train_step("mvar_d16", 2, "attention=dense"),
+                "train_ckpt": lambda: train_step("mvar_d16", checkpointed=True),
                 "var_train": lambda: train_step("var_d16"), "sample": lambda: sample("mvar_d16"),
                 "var_sample": lambda: sample("var_d16"), "decode": lambda: decode("mvar_d16")}
 
@@ -44,6 +45,8 @@ ROWS = [
     Row("train fwd+bwd, batch 2, L=680 (attention per scale)", "train", official=TRAIN, official_rss_mb=12374),
     Row("train fwd+bwd, batch 2, L=680, attention=dense (the L x L mask)", "train_dense", official=TRAIN,
         official_rss_mb=12374),
+    Row("train fwd+bwd, batch 2, L=680, activation_checkpointing=true (each block recomputed)", "train_ckpt",
+        official=TRAIN, official_rss_mb=12374),
     Row("sample 1 image 256 px, cfg 1.5, top-k 900, top-p 0.96 (incl. decode; ours: state cache, official: prefix "
         "re-scan)", "sample", official=SAMPLE),
     Row("of which VQVAE decode", "decode", official=3.4),

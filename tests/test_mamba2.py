@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from scalegen.generators import mamba2 as mamba2_module
 from scalegen.generators.mamba2 import Mamba2, ssd_scan
+from scalegen.generators.mamba_ops import CausalConvSiLU, GatedRMSNormFn
 
 pytestmark = pytest.mark.threads(1)
 
@@ -68,7 +69,8 @@ def test_chunked_scan_gradients_equal_the_recurrence(groups, initial):
     torch.manual_seed(groups + 2 * initial)
     b, l, h, p, n = 2, 21, 4, 4, 8
     leaves = [torch.randn(b, l, h, p), torch.rand(b, l, h) * 0.3 + 0.01, -torch.rand(h) - 0.5,
-              torch.randn(b, l, groups, n), torch.randn(b, l, groups, n)] + ([torch.randn(b, h, p, n)] if initial else [])
+              torch.randn(b, l, groups, n), torch.randn(b, l, groups, n)]
+    leaves += [torch.randn(b, h, p, n)] if initial else []
     ours = [t.clone().requires_grad_() for t in leaves]
     ref = [t.double().requires_grad_() for t in leaves]
     wy, ws = torch.randn(b, l, h, p), torch.randn(b, h, p, n)
@@ -111,18 +113,18 @@ def test_mixer_gradients_equal_the_written_out_maths(ngroups):
         fn(v).square().sum().backward()
         grads.append([v.grad] + [p.grad.clone() for p in m.parameters()])
     for (name, _), ours, ref in zip([("input", None)] + list(m.named_parameters()), *grads):
-        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item(), msg=lambda t: f"{name}: {t}")
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item(),
+                                   msg=lambda text: f"{name}: {text}")
 
 
 def test_the_hand_written_backwards_pass_gradcheck():
     # float64 finite differences; the conv's carried state (step() continues from it) gets its gradient too
-    from scalegen.generators.mamba_ops import CausalConvSiLU, GatedRMSNormFn
     torch.manual_seed(0)
     x, prev = torch.randn(2, 5, 6, dtype=torch.float64), torch.randn(2, 3, 6, dtype=torch.float64)
     w, b = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
     assert torch.autograd.gradcheck(CausalConvSiLU.apply, [t.requires_grad_() for t in (x, prev, w, b)])
-    y, z, weight = torch.randn(2, 5, 8, dtype=torch.float64), torch.randn(2, 5, 8, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda *t: GatedRMSNormFn.apply(*t, 1e-5, 4), [t.requires_grad_() for t in (y, z, weight)])
+    y, z, weight = (torch.randn(*shape, dtype=torch.float64, requires_grad=True) for shape in ((2, 5, 8), (2, 5, 8), (8,)))
+    assert torch.autograd.gradcheck(lambda *t: GatedRMSNormFn.apply(*t, 1e-5, 4), [y, z, weight])
 
 
 @torch.no_grad()

@@ -37,7 +37,8 @@ def _conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padd
 
 def count_flops(fn: Callable, *args, **kwargs) -> int:
     """FLOPs of one call `fn(*args, **kwargs)` (nothing printed)."""
-    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flops}) as counter:
+    formulas = {torch.ops.aten.convolution_backward: _conv_backward_flops}
+    with FlopCounterMode(display=False, custom_mapping=formulas) as counter:
         fn(*args, **kwargs)
     return int(counter.get_total_flops())
 

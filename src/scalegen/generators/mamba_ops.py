@@ -106,7 +106,8 @@ def _carried(C, state, h):
     """(C_t . h) per head: C (b, g, q, n), state (b, h, p, n) -> (b, h, q, p)."""
     b, g, q, n = C.shape
     p = state.shape[2]
-    return (C @ state.reshape(b, g, h // g * p, n).transpose(-1, -2)).view(b, g, q, h // g, p).transpose(2, 3).reshape(b, h, q, p)
+    carried = C @ state.reshape(b, g, h // g * p, n).transpose(-1, -2)  # (b, g, q, heads of the group x p)
+    return carried.view(b, g, q, h // g, p).transpose(2, 3).reshape(b, h, q, p)
 
 
 def _chunk(x, dt, dA, B, C, state, causal, strict):
