@@ -10,7 +10,8 @@ norm.weight, out_proj), so official checkpoints load without renaming. Per token
 (the last d_conv-1 conv inputs and the SSM state) over a chunk of any length, which is how M-VAR's generation adds
 one scale at a time. On CUDA tensors with `mamba-ssm` installed (extra `[mamba]`; its Triton kernels need no compiled
 extension: an install made with MAMBA_SKIP_CUDA_BUILD=TRUE works) the same module runs mamba-ssm's Triton SSD chunk
-scan, fused with causal-conv1d's conv when that is installed too (`choose`); anywhere else it runs the scan below.
+scan, fused with causal-conv1d's conv when that is installed too (`choose`); anywhere else it runs our scan, conv and
+gated norm (generators/mamba_ops.py: each one autograd node with its backward written out, saving its inputs only).
 mamba-ssm is imported only on that CUDA path.
 """
 from __future__ import annotations
