@@ -186,7 +186,8 @@ def main(doc: str, title: str, measurements: dict[str, Callable[[], Callable[[],
     res = {name: _in_child(script, name, args) for name in measurements if name in needed}
 
     print(f"{title}, fp32 CPU, {args.threads} threads, median of {args.repeats} after 1 warm-up\n")
-    print("| measurement | scalegen | official code (2-core machine) | scalegen peak RSS (MB) |")
+    print("| measurement | scalegen | official code (an earlier session; \"this run\": --official) "
+          "| scalegen peak RSS (MB) |")
     print("| --- | --- | --- | --- |")
     for row in rows:
         print(_table_row(row, res))
