@@ -39,7 +39,8 @@ from pathlib import Path
 import torch
 from _harness import REPO, config  # bench/ is on sys.path when run as a script
 
-from scalegen.build import RUN_SAMPLE_KEYS, build_generator, build_tokenizer
+from scalegen.build import build_generator, build_tokenizer
+from scalegen.checks import RUN_SAMPLE_KEYS
 from scalegen.generation.loop import generate
 from scalegen.generation.options import GenerateOptions
 from scalegen.scaleout.distributed import compile_generator

@@ -10,7 +10,8 @@ import torch.nn.attention.flex_attention as flex_module
 import torch.nn.functional as F
 from conftest import compose_cfg
 
-from scalegen.build import build_generator, build_tokenizer, check_generator_config
+from scalegen.build import build_generator, build_tokenizer
+from scalegen.checks import check_generator_config
 from scalegen.errors import ConfigError
 from scalegen.generators import attention as attention_module
 from scalegen.generators.attention import WithinSegments, flex_unavailable, sequence_mask

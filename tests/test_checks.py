@@ -24,7 +24,7 @@ import pytest  # noqa: E402
 from conftest import REPO, compose_cfg, tiny_module  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from scalegen.build import check_generator_config  # noqa: E402
+from scalegen.checks import check_generator_config  # noqa: E402
 from scalegen.commands.sample import sample_to_folder  # noqa: E402
 from scalegen.errors import ConfigError  # noqa: E402
 

@@ -9,7 +9,8 @@ import torch
 from conftest import compose_cfg
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from scalegen.build import build_module, check_generator_config
+from scalegen.build import build_module
+from scalegen.checks import check_generator_config
 from scalegen.data import DigitsDataModule
 from scalegen.data.resume import RNGState
 from scalegen.errors import ConfigError

@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import REPO, compose_cfg, tiny_module
 
-from scalegen.build import check_generator_config, check_run_config
+from scalegen.checks import check_generator_config, check_run_config
 from scalegen.commands.train import derive_max_steps
 from scalegen.data.digits import DigitsDataModule
 from scalegen.errors import ConfigError

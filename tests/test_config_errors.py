@@ -9,7 +9,7 @@ import torch
 from conftest import REPO, compose_cfg
 from omegaconf import OmegaConf
 
-from scalegen.build import check_generator_config
+from scalegen.checks import check_generator_config
 from scalegen.errors import ConfigError
 from scalegen.io import CheckpointMismatch, load_strict
 

@@ -10,7 +10,8 @@ import torch
 from conftest import compose_cfg
 from PIL import Image
 
-from scalegen.build import build_generator, build_tokenizer, check_generator_config, run_config
+from scalegen.build import build_generator, build_tokenizer, run_config
+from scalegen.checks import check_generator_config
 from scalegen.data import DigitsDataModule
 from scalegen.generation.editing import KnownTokens, expand_canvas, known_tokens, stretched, token_masks
 from scalegen.training.module import GeneratorModule

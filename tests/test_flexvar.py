@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from conftest import REPO, compose_cfg
 from torch.utils.data import DataLoader, TensorDataset
 
-from scalegen.build import build_generator, build_tokenizer, check_generator_config
+from scalegen.build import build_generator, build_tokenizer
+from scalegen.checks import check_generator_config
 from scalegen.errors import ConfigError
 from scalegen.generation.guidance import guide
 from scalegen.generation.loop import generate

@@ -11,7 +11,8 @@ import pytest
 import torch
 from conftest import REPO, LatentsAsImages, compose_cfg, parity_dir
 
-from scalegen.build import build_generator, build_module, build_tokenizer, check_generator_config
+from scalegen.build import build_generator, build_module, build_tokenizer
+from scalegen.checks import check_generator_config
 from scalegen.errors import ConfigError
 from scalegen.generation.guidance import ScaleGuidance
 from scalegen.generation.loop import generate

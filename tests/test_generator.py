@@ -4,7 +4,8 @@ import pytest
 import torch
 from conftest import REPO, compose_cfg, tiny_vq
 
-from scalegen.build import build_generator, build_tokenizer, check_generator_config
+from scalegen.build import build_generator, build_tokenizer
+from scalegen.checks import check_generator_config
 from scalegen.generation.guidance import GuidancePolicy, guide
 from scalegen.generation.loop import generate
 from scalegen.generation.options import GenerateOptions

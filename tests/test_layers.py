@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("scaleout.distributed", "scaleout.dcp_metadata", "scaleout.slurm", "tokenizers.train", "eval.metrics",
      "eval.classifier", "eval.fits", "eval.bootstrap", "eval.tokenizer_eval", "eval.figures"),
     ("training",),  # the generator LightningModule, the run folder (lock, metrics, final checkpoint)
-    ("build", "eval.callback", "eval.flops"),  # config -> objects (the only Hydra reader), the eval callback, FLOP counts
+    ("checks", "build", "eval.callback", "eval.flops"),  # config checks, config -> objects (Hydra), eval callback, FLOPs
     ("pretrained", "tokenizers.latent_stats", "eval.report", "eval.runs", "eval.comparisons", "eval.scaling",
      "eval.frontier"),  # loading checkpoints; measuring; reporting (the run folders read, its sections)
     ("commands", "scaleout.cache_latents", "scaleout.consolidate"),  # what users run

@@ -7,7 +7,8 @@ import torch
 from conftest import REPO, compose_cfg
 from omegaconf import OmegaConf
 
-from scalegen.build import build_generator, build_module, build_tokenizer, check_generator_config
+from scalegen.build import build_generator, build_module, build_tokenizer
+from scalegen.checks import check_generator_config
 from scalegen.commands.train import metrics_line
 from scalegen.errors import ConfigError
 from scalegen.generation.editing import stretched

@@ -11,7 +11,8 @@ import torch
 from conftest import compose_cfg
 from parity import keyed_vae_state
 
-from scalegen.build import build_generator, build_tokenizer, check_generator_config
+from scalegen.build import build_generator, build_tokenizer
+from scalegen.checks import check_generator_config
 from scalegen.generators import Generator, MambaAdaLNTransformer
 from scalegen.heads import CategoricalHead
 from scalegen.io import CheckpointMismatch, read_meta

@@ -1,5 +1,5 @@
 """The interfaces of the parts a generator is made of, declared once: what the sampling loop, the LightningModule and
-build.py read from a tokenizer, a composition, a backbone and a head.
+build.py and checks.py read from a tokenizer, a composition, a backbone and a head.
 
 Every part class declares these attributes (the kind questions as class attributes), so nothing needs to probe a
 part with getattr/hasattr. A scale-free part computes from whatever schedule a call brings; a tied one refuses

@@ -122,7 +122,7 @@ def evaluate_tokenizer_stage(cfg: DictConfig, tokenizer, data, folder: Path) -> 
 def train(cfg: DictConfig) -> None:
     # Model code loads when a run starts, not when this module is imported: it pulls in timm, and timm imports wandb
     # whenever wandb is installed, which the csv-only default must not do.
-    from scalegen.build import check_generator_config, check_node, check_run_config
+    from scalegen.checks import check_generator_config, check_node, check_run_config
     if cfg.task not in ("generator", "tokenizer"):
         raise ConfigError(f"task: {cfg.task!r} is not one of ['generator', 'tokenizer']")
     check_node(cfg.data, "data")

@@ -24,7 +24,7 @@ class ResidualComposition:
 
     @staticmethod
     def incompatible(tokenizer_cls) -> str | None:
-        """None: build.py names the missing residual quantizer itself (model.composition=residual)."""
+        """None: scalegen.checks names the missing residual quantizer itself (model.composition=residual)."""
         return None
 
     def at(self, scales, key: str = "scales") -> "ResidualComposition":
