@@ -124,7 +124,7 @@ def test_the_hand_written_backwards_pass_gradcheck():
     w, b = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
     assert torch.autograd.gradcheck(CausalConvSiLU.apply, [t.requires_grad_() for t in (x, prev, w, b)])
     y, z, weight = (torch.randn(*shape, dtype=torch.float64, requires_grad=True) for shape in ((2, 5, 8), (2, 5, 8), (8,)))
-    assert torch.autograd.gradcheck(lambda *t: GatedRMSNormFn.apply(*t, 1e-5, 4), [y, z, weight])
+    assert torch.autograd.gradcheck(lambda *t: GatedRMSNormFn.apply(*t, 1e-5, 4, True), [y, z, weight])
 
 
 @torch.no_grad()

@@ -49,7 +49,7 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        return GatedRMSNormFn.apply(y, z, self.weight, self.eps, self.group_size).to(y.dtype)
+        return GatedRMSNormFn.apply(y, z, self.weight, self.eps, self.group_size, torch.is_grad_enabled()).to(y.dtype)
 
 
 # ---- the mamba-ssm kernels, only on CUDA --------------------------------------------------------------------------

@@ -58,16 +58,16 @@ class CausalConvSiLU(torch.autograd.Function):
 
 class GatedRMSNormFn(torch.autograd.Function):
     """RMSNorm(y * SiLU(z)) * weight over groups of `group` channels, in float32 at least (bf16 inputs are promoted);
-    saves y, z and each row's 1/rms."""
+    saves y, z and each row's 1/rms when `keep` (grad mode on at the call: nothing is saved while sampling)."""
 
     @staticmethod
-    def forward(ctx, y, z, weight, eps: float, group: int):
+    def forward(ctx, y, z, weight, eps: float, group: int, keep: bool):
         ctx.compute = torch.promote_types(y.dtype, torch.float32)
         g = y.to(ctx.compute) * F.silu(z.to(ctx.compute))
         groups = g.view(*g.shape[:-1], -1, group)
         rstd = torch.rsqrt(groups.square().mean(-1, keepdim=True) + eps)
-        # z is a slice of in_proj's output: a contiguous copy lets the rest of that (b, l, 4k) tensor go
-        ctx.save_for_backward(y, z.contiguous(), weight, rstd)
+        if keep:  # z is a slice of in_proj's output: a contiguous copy lets the rest of that (b, l, 4k) tensor go
+            ctx.save_for_backward(y, z.contiguous(), weight, rstd)
         ctx.group = group
         return (groups * rstd).view(g.shape) * weight.to(ctx.compute)
 
@@ -83,7 +83,7 @@ class GatedRMSNormFn(torch.autograd.Function):
         dg = (rstd * (dn - n * (dn * n).mean(-1, keepdim=True))).view(yf.shape)
         dy = (dg * silu_z).to(y.dtype)
         dz = (dg * yf * _dsilu(zf)).to(z.dtype)
-        return dy, dz, dweight.to(weight.dtype), None, None
+        return dy, dz, dweight.to(weight.dtype), None, None, None
 
 
 # ---- the SSD scan --------------------------------------------------------------------------------------------------
@@ -140,7 +140,7 @@ class SSDScan(torch.autograd.Function):
     recomputes one chunk at a time, last to first, carrying the state's gradient back through the chunks."""
 
     @staticmethod
-    def forward(ctx, x, dt, A, B, C, initial_state, chunk: int):
+    def forward(ctx, x, dt, A, B, C, initial_state, chunk: int, keep: bool):
         b, l, h, p = x.shape
         n = B.shape[-1]
         xs = x.float().permute(0, 2, 1, 3)  # (b, h, l, p)
@@ -157,7 +157,8 @@ class SSDScan(torch.autograd.Function):
             y, state = _chunk(xs[:, :, start:end], dts[:, :, start:end], dA[:, :, start:end], Bs[:, :, start:end],
                                  Cs[:, :, start:end], state, causal, strict)
             ys.append(y)
-        ctx.save_for_backward(x, dt, A, B, C, torch.stack(entering))
+        if keep:  # grad mode was on at the call (not while sampling)
+            ctx.save_for_backward(x, dt, A, B, C, torch.stack(entering))
         ctx.chunk, ctx.has_initial = chunk, initial_state is not None
         ctx.initial_dtype = None if initial_state is None else initial_state.dtype
         return torch.cat(ys, dim=2).transpose(1, 2), state
@@ -222,7 +223,7 @@ class SSDScan(torch.autograd.Function):
             dS = dS0
         dinit = dS.to(ctx.initial_dtype) if ctx.has_initial else None
         return (dx.permute(0, 2, 1, 3).to(x.dtype), ddt.transpose(1, 2).to(dt.dtype), dAparam.to(A.dtype),
-                dB.permute(0, 2, 1, 3).to(B.dtype), dC.permute(0, 2, 1, 3).to(C.dtype), dinit, None)
+                dB.permute(0, 2, 1, 3).to(B.dtype), dC.permute(0, 2, 1, 3).to(C.dtype), dinit, None, None)
 
 
 def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, chunk: int = 64,
@@ -235,4 +236,4 @@ def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
     form); the state passes between chunks in a loop over l / chunk steps (never over tokens), which keeps every
     temporary small enough to stay in cache on CPU. Everything is float32.
     """
-    return SSDScan.apply(x, dt, A, B, C, initial_state, chunk)
+    return SSDScan.apply(x, dt, A, B, C, initial_state, chunk, torch.is_grad_enabled())
