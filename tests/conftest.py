@@ -175,3 +175,40 @@ def max_diffs(request: pytest.FixtureRequest):
     lines += [f"  {f:<{fw}}{q:<{qw}}{d:<12.3g}{tol}" for (f, q), (d, tol) in sorted(table.items())]
     with request.config.pluginmanager.getplugin("capturemanager").global_and_fixture_disabled():
         print("\n".join(lines))
+
+
+PIXEL_FEATURES = 6  # the `pixels` extractor's feature dimension
+
+
+@pytest.fixture(scope="session")
+def pixels():
+    """A torch-fidelity feature extractor whose features are the first PIXEL_FEATURES pixel values: known features."""
+    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+
+    class Pixels(FeatureExtractorBase):
+        def __init__(self, name, features_list, **kwargs):
+            super().__init__(name, features_list)
+
+        @staticmethod
+        def get_provided_features_list():
+            return ("pixels",)
+
+        @staticmethod
+        def get_default_feature_layer_for_metric(metric):
+            return "pixels"
+
+        @staticmethod
+        def can_be_compiled():
+            return False
+
+        @staticmethod
+        def get_dummy_input_for_compile():
+            return torch.zeros(1, 3, 4, 4, dtype=torch.uint8)
+
+        def forward(self, x):
+            return (x.flatten(1)[:, :PIXEL_FEATURES].float(),)
+
+    if "test-pixels" not in FEATURE_EXTRACTORS_REGISTRY:
+        register_feature_extractor("test-pixels", Pixels)
+    return "test-pixels"

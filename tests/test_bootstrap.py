@@ -20,6 +20,7 @@ from scalegen.eval.bootstrap import (
     significant,
     welch_interval,
 )
+from scalegen.eval.metrics import Evaluator, reference_from_images
 
 D = 6
 
@@ -113,34 +114,12 @@ def test_seed_and_welch_intervals_against_closed_forms():
     assert significant(low, high) and low < 9.0 < high
 
 
-def test_evaluator_writes_intervals_around_its_point_estimates(tmp_path):
+def test_evaluator_writes_intervals_around_its_point_estimates(tmp_path, pixels):
     """Evaluator(bootstrap=B).score adds {metric}_low/_high that bracket its own values and keeps the replicates."""
-    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
-    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
-
-    from scalegen.eval.metrics import Evaluator, reference_from_images
-
-    class Flat(FeatureExtractorBase):
-        def __init__(self, name, features_list, **kwargs):
-            super().__init__(name, features_list)
-
-        @staticmethod
-        def get_provided_features_list():
-            return ("flat",)
-
-        @staticmethod
-        def get_default_feature_layer_for_metric(metric):
-            return "flat"
-
-        def forward(self, x):
-            return (x.flatten(1)[:, :D].float(),)
-
-    if "test-flat" not in FEATURE_EXTRACTORS_REGISTRY:
-        register_feature_extractor("test-flat", Flat)
     g = np.random.default_rng(0)
     real = torch.from_numpy(g.integers(80, 160, size=(200, 3, 4, 4), dtype=np.uint8))
     fake = torch.from_numpy(g.integers(90, 170, size=(200, 3, 4, 4), dtype=np.uint8))
-    ev = Evaluator(reference_from_images(real, "real"), ["fid", "kid", "prc"], "test-flat", cache_dir=tmp_path,
+    ev = Evaluator(reference_from_images(real, "real"), ["fid", "kid", "prc"], pixels, cache_dir=tmp_path,
                    kid_subset_size=50, kid_subsets=5, bootstrap=30)
     got = ev.evaluate(fake)
     for m in ("fid", "kid", "precision", "recall"):
@@ -148,7 +127,7 @@ def test_evaluator_writes_intervals_around_its_point_estimates(tmp_path):
         assert len(ev.replicates[m]) == 30
     assert got["fid_low"] < got["fid"] * 1.5 and got["fid_high"] > got["fid"] * 0.5
     assert got["precision_low"] <= got["precision"] <= got["precision_high"]
-    assert "fid_low" not in Evaluator(reference_from_images(real, "real"), ["fid"], "test-flat",
+    assert "fid_low" not in Evaluator(reference_from_images(real, "real"), ["fid"], pixels,
                                       cache_dir=tmp_path).evaluate(fake)
     with pytest.raises(ValueError, match="callbacks.eval.bootstrap"):
-        Evaluator(reference_from_images(real, "real"), ["fid"], "test-flat", bootstrap=-1)
+        Evaluator(reference_from_images(real, "real"), ["fid"], pixels, bootstrap=-1)

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_module
+from conftest import PIXEL_FEATURES, tiny_module
 from PIL import Image
 from scipy import linalg
 
@@ -27,41 +27,9 @@ from scalegen.eval.metrics import (
 )
 
 pytestmark = pytest.mark.threads(1)
-D = 6  # feature dimension of the test extractor below
+D = PIXEL_FEATURES  # feature dimension of the `pixels` extractor (conftest)
 
 
-@pytest.fixture(scope="module")
-def pixels():
-    """A torch-fidelity feature extractor whose features are the first D pixel values: known features exactly."""
-    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
-    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
-
-    class Pixels(FeatureExtractorBase):
-        def __init__(self, name, features_list, **kwargs):
-            super().__init__(name, features_list)
-
-        @staticmethod
-        def get_provided_features_list():
-            return ("pixels",)
-
-        @staticmethod
-        def get_default_feature_layer_for_metric(metric):
-            return "pixels"
-
-        @staticmethod
-        def can_be_compiled():
-            return False
-
-        @staticmethod
-        def get_dummy_input_for_compile():
-            return torch.zeros(1, 3, 4, 4, dtype=torch.uint8)
-
-        def forward(self, x):
-            return (x.flatten(1)[:, :D].float(),)
-
-    if "test-pixels" not in FEATURE_EXTRACTORS_REGISTRY:
-        register_feature_extractor("test-pixels", Pixels)
-    return "test-pixels"
 
 
 def gaussian_images(n: int, mean, std, seed: int) -> torch.Tensor:
