@@ -18,11 +18,6 @@ N = 20  # 10 classes x 2, in chunks of 3: 7 chunks, the last one short
 pytestmark = pytest.mark.threads(1)
 
 
-@pytest.fixture(scope="module")
-def ckpt(tiny_ckpt) -> Path:
-    return tiny_ckpt
-
-
 def config(ckpt: Path, out: Path, **overrides):
     return sample_cfg(ckpt, out, **{"batch_size": 3, **overrides})
 
@@ -32,9 +27,9 @@ def files(out: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def one_process(ckpt, tmp_path_factory) -> Path:
+def one_process(tiny_ckpt, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("one") / "run"
-    sample_to_folder(config(ckpt, out))
+    sample_to_folder(config(tiny_ckpt, out))
     return out
 
 
@@ -79,10 +74,10 @@ def test_one_process_writes_pngs_npz_and_grid(one_process):
     assert Image.open(one_process / "grid.png").size == (2 * 33 + 1, 10 * 33 + 1)  # one row per class
 
 
-def test_shards_give_the_files_of_one_process(ckpt, one_process, tmp_path, capsys):
+def test_shards_give_the_files_of_one_process(tiny_ckpt, one_process, tmp_path, capsys):
     out = tmp_path / "sharded"
     for shard in range(3):  # three processes, one after the other; the last one to finish packs
-        sample_to_folder(config(ckpt, out, shard=shard, num_shards=3))
+        sample_to_folder(config(tiny_ckpt, out, shard=shard, num_shards=3))
         if shard < 2:
             assert not (out / "samples.npz").exists()
     assert "the last shard packs" in capsys.readouterr().out
@@ -91,7 +86,7 @@ def test_shards_give_the_files_of_one_process(ckpt, one_process, tmp_path, capsy
         assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["labels"], b["labels"])
 
 
-def test_interrupted_run_resumes_to_the_same_files(ckpt, one_process, tmp_path, monkeypatch):
+def test_interrupted_run_resumes_to_the_same_files(tiny_ckpt, one_process, tmp_path, monkeypatch):
     out = tmp_path / "resumed"
     real, calls = sample.generate_chunk, []
 
@@ -103,28 +98,28 @@ def test_interrupted_run_resumes_to_the_same_files(ckpt, one_process, tmp_path, 
 
     monkeypatch.setattr(sample, "generate_chunk", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        sample_to_folder(config(ckpt, out))
+        sample_to_folder(config(tiny_ckpt, out))
     assert len(files(out)) == 9 and not (out / "samples.npz").exists()
     (out / "images" / ".000009_class4.png.abc.tmp").write_bytes(b"half a png")  # a write cut short
 
     calls.clear()
     monkeypatch.setattr(sample, "generate_chunk", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
-    sample_to_folder(config(ckpt, out))
+    sample_to_folder(config(tiny_ckpt, out))
     assert calls == [9, 12, 15, 18]  # only the chunks not on disk
     assert files(out) == files(one_process)
 
     (out / "images" / "000013_class6.png").unlink()  # one image lost: only its chunk is drawn again
     calls.clear()
-    sample_to_folder(config(ckpt, out))
+    sample_to_folder(config(tiny_ckpt, out))
     assert calls == [12] and files(out) == files(one_process)
 
 
-def test_other_settings_in_the_same_folder_are_refused(ckpt, one_process, tmp_path):
-    cfg = config(ckpt, tmp_path, shard=0, num_shards=2)
+def test_other_settings_in_the_same_folder_are_refused(tiny_ckpt, one_process, tmp_path):
+    cfg = config(tiny_ckpt, tmp_path, shard=0, num_shards=2)
     cfg.out_dir = "${hydra:runtime.output_dir}"  # the default: one folder per process start time
     with pytest.raises(ValueError, match="give out_dir"):
         sample_to_folder(cfg)
     with pytest.raises(ValueError, match=r"seed: 0 on disk, 1 now"):
-        sample_to_folder(config(ckpt, one_process, seed=1))
+        sample_to_folder(config(tiny_ckpt, one_process, seed=1))
     with pytest.raises(ValueError, match=r"batch_size: 3 on disk, 4 now"):
-        sample_to_folder(config(ckpt, one_process, batch_size=4))
+        sample_to_folder(config(tiny_ckpt, one_process, batch_size=4))
